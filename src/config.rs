@@ -1,1 +1,1139 @@
-//! (being written)
+//! The configuration: one TOML file (DESIGN.md §2), read in two layers.
+//!
+//! - **Raw** structs mirror the file exactly (`serde`, `deny_unknown_fields`, no `flatten`);
+//!   every field is documented where it is declared.
+//! - [`Config::from_toml`] validates them into a typed [`Config`]: ids are unique, references
+//!   (a detector's bus, a sounder's output bus) resolve, units are 1..=247, durations and sizes
+//!   carry units (`"250ms"`, `"256MiB"`).
+//! - Every problem is reported, not just the first, each with the file, the line and the key
+//!   (`gateway.toml:23: detector[2].unit: unit id 300 is outside 1..=247`).
+//!
+//! This module does no I/O beyond reading the file in [`Config::load`]; it never touches hardware.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::event::{DeviceId, UnitId};
+
+/// The exit code of a bad config (sysexits `EX_CONFIG`).
+pub const EXIT_BAD_CONFIG: i32 = 78;
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gateway: Gateway,
+    pub uplink: Uplink,
+    pub store: Store,
+    pub buses: Vec<Bus>,
+    pub detectors: Vec<Detector>,
+    pub sounders: Vec<Sounder>,
+    pub doors: Vec<Door>,
+    pub panel: Panel,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    /// `[a-z0-9-]{1,32}`; used in topics and event ids.
+    pub id: String,
+    pub name: String,
+    /// Where the outbox and latched state live.
+    pub state_dir: PathBuf,
+}
+
+/// `[uplink]`.
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    pub client_id: String,
+    pub topic_prefix: String,
+    pub keep_alive: Duration,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// Outbox budget in bytes.
+    pub max_bytes: u64,
+}
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+/// How a bus is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusTransport {
+    /// Modbus RTU on a serial port (RS-485).
+    Rtu {
+        port: String,
+        /// Bits per second.
+        baud: u32,
+        parity: Parity,
+        /// 1 or 2.
+        stop_bits: u8,
+        /// The adapter echoes what it transmits (read back and discarded).
+        echo: bool,
+    },
+    /// Modbus TCP (an RS-485/Ethernet converter), `host:port`.
+    Tcp { addr: String },
+}
+
+/// `[[bus]]`.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    pub name: String,
+    pub transport: BusTransport,
+    /// Per transaction, from the end of our request to the end of the reply.
+    pub timeout: Duration,
+    /// Extra delay after a reply before the next request, for slow units.
+    pub turnaround: Duration,
+    /// Minimum time from the start of one scan cycle to the start of the next; zero = back to back.
+    pub scan_interval: Duration,
+    /// Consecutive missed polls after which a device is offline.
+    pub offline_after: u32,
+}
+
+impl Bus {
+    /// The baud rate of an RTU bus, `None` for TCP.
+    pub fn baud(&self) -> Option<u32> {
+        match self.transport {
+            BusTransport::Rtu { baud, .. } => Some(baud),
+            BusTransport::Tcp { .. } => None,
+        }
+    }
+}
+
+/// A smoke detector profile: which registers to read and how to decode them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SmokeProfile {
+    pub name: String,
+    /// First input register of the one FC04 read per poll.
+    pub first_register: u16,
+    /// How many input registers the poll reads.
+    pub register_count: u16,
+    /// Offset (from `first_register`) of the status register.
+    pub status_offset: u16,
+    pub normal_values: Vec<u16>,
+    pub alarm_values: Vec<u16>,
+    pub pre_alarm_values: Vec<u16>,
+    pub fault_values: Vec<u16>,
+    pub test_values: Vec<u16>,
+    /// Offset of the smoke density register and its scale to dB/m.
+    pub density: Option<(u16, f32)>,
+    /// Offset of the fault bits register (any bit set = fault).
+    pub fault_bits_offset: Option<u16>,
+    /// Offset of the heartbeat register.
+    pub heartbeat_offset: Option<u16>,
+    /// Holding register written with 1 on reset.
+    pub remote_reset_register: Option<u16>,
+}
+
+impl SmokeProfile {
+    /// The built-in `generic-smoke` profile (`shared/devices/generic.toml`): input registers
+    /// 0..3 = status (0 normal, 1 alarm, 2 fault, 3 pre-alarm, 4 test), density ×0.01 dB/m,
+    /// fault bits, heartbeat; holding register 16 = remote reset.
+    pub fn generic_smoke() -> Self {
+        SmokeProfile {
+            name: "generic-smoke".to_owned(),
+            first_register: 0,
+            register_count: 4,
+            status_offset: 0,
+            normal_values: vec![0],
+            alarm_values: vec![1],
+            pre_alarm_values: vec![3],
+            fault_values: vec![2],
+            test_values: vec![4],
+            density: Some((1, 0.01)),
+            fault_bits_offset: Some(2),
+            heartbeat_offset: Some(3),
+            remote_reset_register: Some(16),
+        }
+    }
+}
+
+/// `[[detector]]`.
+#[derive(Debug, Clone)]
+pub struct Detector {
+    pub id: DeviceId,
+    /// Index into [`Config::buses`].
+    pub bus: usize,
+    pub unit: UnitId,
+    pub profile: SmokeProfile,
+    pub zone: String,
+    pub location: String,
+}
+
+/// Which zones a sounder serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Zones {
+    /// `"*"`: every zone.
+    All,
+    Some(Vec<String>),
+}
+
+impl Zones {
+    /// Whether this includes `zone`.
+    pub fn includes(&self, zone: &str) -> bool {
+        match self {
+            Zones::All => true,
+            Zones::Some(zones) => zones.iter().any(|z| z == zone),
+        }
+    }
+}
+
+/// Where an output is driven.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputSpec {
+    /// A coil on a Modbus unit, written with FC05. `bus` indexes [`Config::buses`].
+    Coil { bus: usize, unit: UnitId, coil: u16 },
+    /// A Raspberry Pi GPIO pin (BCM numbering).
+    Gpio { pin: u8, active_low: bool },
+}
+
+/// Where an input (a panel key) is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputSpec {
+    /// A discrete input on a Modbus unit (FC02).
+    DiscreteInput { bus: usize, unit: UnitId, input: u16 },
+    /// A Raspberry Pi GPIO pin (BCM numbering).
+    Gpio { pin: u8, active_low: bool },
+}
+
+/// `[[sounder]]`.
+#[derive(Debug, Clone)]
+pub struct Sounder {
+    pub id: DeviceId,
+    pub zones: Zones,
+    pub output: OutputSpec,
+}
+
+/// `[[door]]`. Parsed and validated; door control is not driven by this release.
+#[derive(Debug, Clone)]
+pub struct Door {
+    pub id: DeviceId,
+    pub bus: usize,
+    pub unit: UnitId,
+    pub profile: String,
+    pub zone: String,
+    pub location: String,
+    pub release_on_fire: bool,
+}
+
+/// `[panel]`: the micro fire-station panel.
+#[derive(Debug, Clone, Default)]
+pub struct Panel {
+    pub fire_led: Option<OutputSpec>,
+    pub fault_led: Option<OutputSpec>,
+    pub buzzer: Option<OutputSpec>,
+    pub silence_key: Option<InputSpec>,
+    pub reset_key: Option<InputSpec>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line, when the key could be found in the file.
+    pub line: Option<usize>,
+    /// The TOML path of the key (`detector[2].unit`).
+    pub key: String,
+    pub message: String,
+}
+
+/// A config that cannot be used: every problem found, with the file it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", self.file.display())?;
+            if let Some(line) = p.line {
+                write!(f, ":{line}")?;
+            }
+            if p.key.is_empty() {
+                write!(f, ": {}", p.message)?;
+            } else {
+                write!(f, ": {}: {}", p.key, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {}
+
+// ---------------------------------------------------------------------------------------------
+// Raw layer: the file as written.
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// `[gateway]`: who this gateway is.
+    gateway: RawGateway,
+    /// `[uplink]`: the MQTT broker upstream.
+    uplink: RawUplink,
+    /// `[store]`: the outbox.
+    #[serde(default)]
+    store: RawStore,
+    /// `[[bus]]`: RS-485 buses and Modbus TCP converters.
+    #[serde(default)]
+    bus: Vec<RawBus>,
+    /// `[[detector]]`: smoke detectors.
+    #[serde(default)]
+    detector: Vec<RawDetector>,
+    /// `[[sounder]]`: sounders and beacons.
+    #[serde(default)]
+    sounder: Vec<RawSounder>,
+    /// `[[door]]`: door controllers.
+    #[serde(default)]
+    door: Vec<RawDoor>,
+    /// `[panel]`: the micro fire-station panel.
+    #[serde(default)]
+    panel: RawPanel,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    /// `[a-z0-9-]{1,32}`.
+    id: String,
+    /// Human name of the village.
+    #[serde(default)]
+    name: String,
+    /// Directory of the outbox and latched state.
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/village-gateway")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUplink {
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`.
+    url: String,
+    /// Default `vgw-<gateway.id>`.
+    client_id: Option<String>,
+    /// Default `village`.
+    #[serde(default = "default_topic_prefix")]
+    topic_prefix: String,
+    /// Default `30s`; at least 1 s.
+    keep_alive: Option<String>,
+    username: Option<String>,
+    /// A file whose first line is the password.
+    password_file: Option<PathBuf>,
+    /// CA certificate (PEM) for mqtts.
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    key_file: Option<PathBuf>,
+}
+
+fn default_topic_prefix() -> String {
+    "village".to_owned()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    /// Outbox budget with a unit, default `256MiB`.
+    max_bytes: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBus {
+    /// Referenced by devices' `bus`.
+    name: String,
+    /// A serial port with Modbus RTU.
+    rtu: Option<RawRtu>,
+    /// `host:port` of a Modbus TCP converter.
+    tcp: Option<String>,
+    /// Per transaction; default derived from the baud rate.
+    timeout: Option<String>,
+    /// Delay after each reply for slow units; default `0ms`.
+    turnaround: Option<String>,
+    /// Minimum scan cycle; default `0ms` (back to back).
+    scan_interval: Option<String>,
+    /// Missed polls in a row before a device is offline; default 3.
+    offline_after: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRtu {
+    /// `/dev/ttyUSB0`, better `/dev/serial/by-id/...`.
+    port: String,
+    /// Default 9600.
+    #[serde(default = "default_baud")]
+    baud: u32,
+    /// `none`, `even` or `odd`; default `none`.
+    #[serde(default = "default_parity")]
+    parity: Parity,
+    /// 1 or 2; default 1.
+    #[serde(default = "default_stop_bits")]
+    stop_bits: u8,
+    /// The adapter echoes its own transmission; default false.
+    #[serde(default)]
+    echo: bool,
+}
+
+fn default_baud() -> u32 {
+    9600
+}
+fn default_parity() -> Parity {
+    Parity::None
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDetector {
+    id: String,
+    bus: String,
+    unit: i64,
+    /// Built-in `generic-smoke` (default).
+    #[serde(default = "default_smoke_profile")]
+    profile: String,
+    zone: String,
+    #[serde(default)]
+    location: String,
+}
+
+fn default_smoke_profile() -> String {
+    "generic-smoke".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSounder {
+    id: String,
+    /// Zone names, or `["*"]` for every zone.
+    zones: Vec<String>,
+    output: RawOutput,
+}
+
+/// `{ bus, unit, coil }` or `{ gpio, active_low }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    bus: Option<String>,
+    unit: Option<i64>,
+    coil: Option<i64>,
+    gpio: Option<i64>,
+    #[serde(default)]
+    active_low: bool,
+}
+
+/// `{ bus, unit, discrete_input }` or `{ gpio, active_low }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInput {
+    bus: Option<String>,
+    unit: Option<i64>,
+    discrete_input: Option<i64>,
+    gpio: Option<i64>,
+    #[serde(default)]
+    active_low: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDoor {
+    id: String,
+    bus: String,
+    unit: i64,
+    #[serde(default = "default_door_profile")]
+    profile: String,
+    zone: String,
+    #[serde(default)]
+    location: String,
+    #[serde(default)]
+    release_on_fire: bool,
+}
+
+fn default_door_profile() -> String {
+    "generic-door".to_owned()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPanel {
+    fire_led: Option<RawOutput>,
+    fault_led: Option<RawOutput>,
+    buzzer: Option<RawOutput>,
+    silence_key: Option<RawInput>,
+    reset_key: Option<RawInput>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading and validation
+
+impl Config {
+    /// Reads and validates `path`.
+    ///
+    /// # Errors
+    /// [`Error`] with every problem found (an unreadable file is one problem without a line).
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error {
+            file: path.to_owned(),
+            problems: vec![Problem { line: None, key: String::new(), message: format!("cannot read: {e}") }],
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Validates the TOML `text`; `file` only names it in errors.
+    ///
+    /// # Errors
+    /// [`Error`] with every problem found, each with its line and key.
+    pub fn from_toml(text: &str, file: &Path) -> Result<Config, Error> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| Error {
+            file: file.to_owned(),
+            problems: vec![Problem {
+                line: e.span().map(|s| line_of(text, s.start)),
+                key: String::new(),
+                message: e.message().trim().to_owned(),
+            }],
+        })?;
+        let mut v = Validator { problems: Vec::new() };
+        let config = v.config(raw);
+        if v.problems.is_empty() {
+            if let Some(config) = config {
+                return Ok(config);
+            }
+        }
+        let doc = toml_edit::ImDocument::parse(text).ok();
+        let problems = v
+            .problems
+            .into_iter()
+            .map(|(key, message)| Problem {
+                line: doc.as_ref().and_then(|d| span_of(d, &key)).map(|at| line_of(text, at)),
+                key,
+                message,
+            })
+            .collect();
+        Err(Error { file: file.to_owned(), problems })
+    }
+
+    /// The built-in simulated village of `village-gateway demo`: `buses` pseudo-terminal
+    /// buses named `a`, `b`, ... with `per_bus` detectors each (units 1..), a relay module at
+    /// unit 100 on every bus (coil 0 = the bus's sounder; on bus `a` coil 5 = panel fire LED,
+    /// 6 = fault LED, 7 = buzzer, discrete inputs 0/1 = silence/reset keys).
+    ///
+    /// `ports[i]` is the serial port of bus i, `url` the broker.
+    pub fn simulated_village(ports: &[String], per_bus: u8, url: &str, state_dir: &Path) -> Config {
+        let mut buses = Vec::new();
+        let mut detectors = Vec::new();
+        let mut sounders = Vec::new();
+        for (b, port) in ports.iter().enumerate() {
+            let name = char::from(b'a' + u8::try_from(b % 26).unwrap_or(0)).to_string();
+            let zone = name.to_uppercase();
+            buses.push(Bus {
+                name: name.clone(),
+                transport: BusTransport::Rtu {
+                    port: port.clone(),
+                    baud: 9600,
+                    parity: Parity::None,
+                    stop_bits: 1,
+                    echo: false,
+                },
+                timeout: default_timeout(9600),
+                turnaround: Duration::ZERO,
+                scan_interval: Duration::ZERO,
+                offline_after: 3,
+            });
+            for u in 1..=per_bus {
+                detectors.push(Detector {
+                    id: DeviceId(format!("{zone}-{}", 100 + u16::from(u))),
+                    bus: b,
+                    unit: UnitId(u),
+                    profile: SmokeProfile::generic_smoke(),
+                    zone: zone.clone(),
+                    location: format!("{zone}栋{}室", 100 + u16::from(u)),
+                });
+            }
+            sounders.push(Sounder {
+                id: DeviceId(format!("{zone}-sounder")),
+                zones: Zones::Some(vec![zone.clone()]),
+                output: OutputSpec::Coil { bus: b, unit: UnitId(100), coil: 0 },
+            });
+        }
+        let panel_coil = |coil| Some(OutputSpec::Coil { bus: 0, unit: UnitId(100), coil });
+        Config {
+            gateway: Gateway {
+                id: "demo".to_owned(),
+                name: "演示小区 (simulated village)".to_owned(),
+                state_dir: state_dir.to_owned(),
+            },
+            uplink: Uplink {
+                url: url.to_owned(),
+                client_id: "vgw-demo".to_owned(),
+                topic_prefix: "village".to_owned(),
+                keep_alive: Duration::from_secs(30),
+                username: None,
+                password_file: None,
+                ca_file: None,
+                cert_file: None,
+                key_file: None,
+            },
+            store: Store { max_bytes: 256 << 20 },
+            buses,
+            detectors,
+            sounders,
+            doors: Vec::new(),
+            panel: Panel {
+                fire_led: panel_coil(5),
+                fault_led: panel_coil(6),
+                buzzer: panel_coil(7),
+                silence_key: Some(InputSpec::DiscreteInput { bus: 0, unit: UnitId(100), input: 0 }),
+                reset_key: Some(InputSpec::DiscreteInput { bus: 0, unit: UnitId(100), input: 1 }),
+            },
+        }
+    }
+}
+
+/// The default transaction timeout of an RTU bus: 100 ms for the unit to answer plus the
+/// wire time of a 40-byte reply at `baud` (11 bits per character, the worst case framing).
+pub fn default_timeout(baud: u32) -> Duration {
+    let reply = Duration::from_micros(40 * 11 * 1_000_000 / u64::from(baud.max(1)));
+    Duration::from_millis(100) + reply
+}
+
+struct Validator {
+    /// (TOML path, message).
+    problems: Vec<(String, String)>,
+}
+
+impl Validator {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push((key.into(), message.into()));
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.problem(key, format!("{s:?} is not a duration with a unit such as \"250ms\" or \"30s\": {e}"));
+                    default
+                }
+            },
+        }
+    }
+
+    fn unit(&mut self, key: &str, unit: i64) -> UnitId {
+        match u8::try_from(unit) {
+            Ok(u @ 1..=247) => UnitId(u),
+            _ => {
+                self.problem(key, format!("unit id {unit} is outside 1..=247"));
+                UnitId(1)
+            }
+        }
+    }
+
+    fn bus_ref(&mut self, key: &str, name: &str, buses: &HashMap<String, usize>) -> usize {
+        if let Some(&i) = buses.get(name) {
+            i
+        } else {
+            self.problem(key, format!("no [[bus]] is named {name:?}"));
+            0
+        }
+    }
+
+    fn unique_id(&mut self, key: &str, id: &str, seen: &mut HashSet<String>) -> DeviceId {
+        if id.is_empty() {
+            self.problem(key, "an id may not be empty");
+        } else if !seen.insert(id.to_owned()) {
+            self.problem(key, format!("id {id:?} is used twice; ids are unique across the site"));
+        }
+        DeviceId(id.to_owned())
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let gateway = self.gateway(raw.gateway);
+        let uplink = self.uplink(raw.uplink, &gateway.id);
+        let max_bytes = match raw.store.max_bytes.as_deref() {
+            None => 256 << 20,
+            Some(s) => match s.parse::<bytesize::ByteSize>() {
+                Ok(b) if b.as_u64() >= 1 << 20 => b.as_u64(),
+                Ok(_) => {
+                    self.problem("store.max_bytes", format!("{s:?} is below the 1MiB minimum"));
+                    0
+                }
+                Err(e) => {
+                    self.problem("store.max_bytes", format!("{s:?} is not a size such as \"256MiB\": {e}"));
+                    0
+                }
+            },
+        };
+
+        let mut bus_index = HashMap::new();
+        let mut buses = Vec::new();
+        for (i, b) in raw.bus.into_iter().enumerate() {
+            let key = format!("bus[{i}]");
+            if bus_index.insert(b.name.clone(), i).is_some() {
+                self.problem(format!("{key}.name"), format!("bus name {:?} is used twice", b.name));
+            }
+            buses.push(self.bus(&key, b));
+        }
+
+        let mut ids = HashSet::new();
+        let mut addresses: BTreeMap<(usize, u8), String> = BTreeMap::new();
+        let mut claim = |v: &mut Self, key: &str, bus: usize, unit: UnitId, id: &str| {
+            if let Some(other) = addresses.insert((bus, unit.0), id.to_owned()) {
+                if other != id {
+                    v.problem(key, format!("unit {unit} on this bus is already device {other:?}"));
+                }
+            }
+        };
+
+        let mut detectors = Vec::new();
+        for (i, d) in raw.detector.into_iter().enumerate() {
+            let key = format!("detector[{i}]");
+            let id = self.unique_id(&format!("{key}.id"), &d.id, &mut ids);
+            let bus = self.bus_ref(&format!("{key}.bus"), &d.bus, &bus_index);
+            let unit = self.unit(&format!("{key}.unit"), d.unit);
+            claim(self, &format!("{key}.unit"), bus, unit, &d.id);
+            let profile = if d.profile == "generic-smoke" {
+                SmokeProfile::generic_smoke()
+            } else {
+                self.problem(
+                    format!("{key}.profile"),
+                    format!("unknown smoke detector profile {:?}; built in: \"generic-smoke\"", d.profile),
+                );
+                SmokeProfile::generic_smoke()
+            };
+            if d.zone.is_empty() {
+                self.problem(format!("{key}.zone"), "a detector needs a zone");
+            }
+            detectors.push(Detector { id, bus, unit, profile, zone: d.zone, location: d.location });
+        }
+        let zones: HashSet<String> = detectors.iter().map(|d| d.zone.clone()).collect();
+
+        let mut sounders = Vec::new();
+        for (i, s) in raw.sounder.into_iter().enumerate() {
+            let key = format!("sounder[{i}]");
+            let id = self.unique_id(&format!("{key}.id"), &s.id, &mut ids);
+            let zones_spec = if s.zones.iter().any(|z| z == "*") {
+                Zones::All
+            } else {
+                for (j, z) in s.zones.iter().enumerate() {
+                    if !zones.contains(z) {
+                        self.problem(format!("{key}.zones[{j}]"), format!("no detector is in zone {z:?}"));
+                    }
+                }
+                if s.zones.is_empty() {
+                    self.problem(format!("{key}.zones"), "a sounder serves at least one zone (or \"*\")");
+                }
+                Zones::Some(s.zones)
+            };
+            let output = self.output(&format!("{key}.output"), s.output, &bus_index);
+            if let OutputSpec::Coil { bus, unit, .. } = output {
+                claim(self, &format!("{key}.output.unit"), bus, unit, "output module");
+            }
+            sounders.push(Sounder { id, zones: zones_spec, output });
+        }
+
+        let mut doors = Vec::new();
+        for (i, d) in raw.door.into_iter().enumerate() {
+            let key = format!("door[{i}]");
+            let id = self.unique_id(&format!("{key}.id"), &d.id, &mut ids);
+            let bus = self.bus_ref(&format!("{key}.bus"), &d.bus, &bus_index);
+            let unit = self.unit(&format!("{key}.unit"), d.unit);
+            claim(self, &format!("{key}.unit"), bus, unit, &d.id);
+            if d.profile != "generic-door" {
+                self.problem(format!("{key}.profile"), format!("unknown door profile {:?}; built in: \"generic-door\"", d.profile));
+            }
+            doors.push(Door {
+                id,
+                bus,
+                unit,
+                profile: d.profile,
+                zone: d.zone,
+                location: d.location,
+                release_on_fire: d.release_on_fire,
+            });
+        }
+
+        let p = raw.panel;
+        let mut out = |v: &mut Self, name: &str, o: Option<RawOutput>| {
+            o.map(|o| {
+                let spec = v.output(&format!("panel.{name}"), o, &bus_index);
+                if let OutputSpec::Coil { bus, unit, .. } = spec {
+                    claim(v, &format!("panel.{name}.unit"), bus, unit, "output module");
+                }
+                spec
+            })
+        };
+        let fire_led = out(self, "fire_led", p.fire_led);
+        let fault_led = out(self, "fault_led", p.fault_led);
+        let buzzer = out(self, "buzzer", p.buzzer);
+        let panel = Panel {
+            fire_led,
+            fault_led,
+            buzzer,
+            silence_key: p.silence_key.map(|i| self.input("panel.silence_key", i, &bus_index)),
+            reset_key: p.reset_key.map(|i| self.input("panel.reset_key", i, &bus_index)),
+        };
+        self.gpio_conflicts(&sounders, &panel);
+
+        let store = Store { max_bytes };
+        Some(Config { gateway, uplink, store, buses, detectors, sounders, doors, panel })
+    }
+
+    fn gateway(&mut self, g: RawGateway) -> Gateway {
+        let valid = !g.id.is_empty()
+            && g.id.len() <= 32
+            && g.id.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
+        if !valid {
+            self.problem("gateway.id", format!("{:?} must match [a-z0-9-]{{1,32}}", g.id));
+        }
+        Gateway { id: g.id, name: g.name, state_dir: g.state_dir }
+    }
+
+    fn uplink(&mut self, u: RawUplink, gateway_id: &str) -> Uplink {
+        let scheme_ok = u.url.starts_with("mqtt://") || u.url.starts_with("mqtts://");
+        let host = u.url.split("://").nth(1).unwrap_or("");
+        if !scheme_ok || host.is_empty() {
+            self.problem("uplink.url", format!("{:?} is not mqtt://host[:port] or mqtts://host[:port]", u.url));
+        }
+        let keep_alive = self.duration("uplink.keep_alive", u.keep_alive.as_deref(), Duration::from_secs(30));
+        if keep_alive < Duration::from_secs(1) {
+            self.problem("uplink.keep_alive", "must be at least 1s");
+        }
+        if u.topic_prefix.is_empty() || u.topic_prefix.contains(['#', '+', '/']) {
+            self.problem("uplink.topic_prefix", format!("{:?} must be one non-empty topic level without + # /", u.topic_prefix));
+        }
+        if u.cert_file.is_some() != u.key_file.is_some() {
+            self.problem("uplink.cert_file", "cert_file and key_file go together (mutual TLS)");
+        }
+        if (u.ca_file.is_some() || u.cert_file.is_some()) && !u.url.starts_with("mqtts://") {
+            self.problem("uplink.url", "TLS files are set but the url is not mqtts://");
+        }
+        let client_id = u.client_id.unwrap_or_else(|| format!("vgw-{gateway_id}"));
+        if client_id.is_empty() || client_id.len() > 128 {
+            self.problem("uplink.client_id", "must be 1 to 128 characters");
+        }
+        Uplink {
+            url: u.url,
+            client_id,
+            topic_prefix: u.topic_prefix,
+            keep_alive,
+            username: u.username,
+            password_file: u.password_file,
+            ca_file: u.ca_file,
+            cert_file: u.cert_file,
+            key_file: u.key_file,
+        }
+    }
+
+    fn bus(&mut self, key: &str, b: RawBus) -> Bus {
+        let transport = match (b.rtu, b.tcp) {
+            (Some(r), None) => {
+                if r.port.is_empty() {
+                    self.problem(format!("{key}.rtu.port"), "a serial port path is needed");
+                }
+                if !(1200..=921_600).contains(&r.baud) {
+                    self.problem(format!("{key}.rtu.baud"), format!("{} baud is outside 1200..=921600", r.baud));
+                }
+                if !(1..=2).contains(&r.stop_bits) {
+                    self.problem(format!("{key}.rtu.stop_bits"), "must be 1 or 2");
+                }
+                BusTransport::Rtu { port: r.port, baud: r.baud, parity: r.parity, stop_bits: r.stop_bits, echo: r.echo }
+            }
+            (None, Some(addr)) => {
+                let ok = addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                if !ok {
+                    self.problem(format!("{key}.tcp"), format!("{addr:?} is not host:port"));
+                }
+                BusTransport::Tcp { addr }
+            }
+            (Some(_), Some(_)) => {
+                self.problem(format!("{key}.tcp"), "a bus has either rtu or tcp, not both");
+                BusTransport::Tcp { addr: String::new() }
+            }
+            (None, None) => {
+                self.problem(format!("{key}.name"), "a bus needs rtu = { port = ... } or tcp = \"host:port\"");
+                BusTransport::Tcp { addr: String::new() }
+            }
+        };
+        let default = match transport {
+            BusTransport::Rtu { baud, .. } => default_timeout(baud),
+            BusTransport::Tcp { .. } => Duration::from_millis(500),
+        };
+        let timeout = self.duration(&format!("{key}.timeout"), b.timeout.as_deref(), default);
+        if b.timeout.is_some() && (timeout < Duration::from_millis(10) || timeout > Duration::from_secs(5)) {
+            self.problem(format!("{key}.timeout"), "must be between 10ms and 5s");
+        }
+        let turnaround = self.duration(&format!("{key}.turnaround"), b.turnaround.as_deref(), Duration::ZERO);
+        let scan_interval = self.duration(&format!("{key}.scan_interval"), b.scan_interval.as_deref(), Duration::ZERO);
+        let offline_after = b.offline_after.unwrap_or(3);
+        if offline_after == 0 {
+            self.problem(format!("{key}.offline_after"), "must be at least 1");
+        }
+        Bus { name: b.name, transport, timeout, turnaround, scan_interval, offline_after }
+    }
+
+    fn gpio(&mut self, key: &str, pin: i64) -> u8 {
+        match u8::try_from(pin) {
+            Ok(p @ 0..=27) => p,
+            _ => {
+                self.problem(key, format!("GPIO {pin} is not a BCM pin 0..=27"));
+                0
+            }
+        }
+    }
+
+    fn register(&mut self, key: &str, address: i64) -> u16 {
+        u16::try_from(address).unwrap_or_else(|_| {
+            self.problem(key, format!("address {address} is outside 0..=65535"));
+            0
+        })
+    }
+
+    fn output(&mut self, key: &str, o: RawOutput, buses: &HashMap<String, usize>) -> OutputSpec {
+        match (o.gpio, o.bus, o.unit, o.coil) {
+            (Some(pin), None, None, None) => OutputSpec::Gpio { pin: self.gpio(&format!("{key}.gpio"), pin), active_low: o.active_low },
+            (None, Some(bus), Some(unit), Some(coil)) => OutputSpec::Coil {
+                bus: self.bus_ref(&format!("{key}.bus"), &bus, buses),
+                unit: self.unit(&format!("{key}.unit"), unit),
+                coil: self.register(&format!("{key}.coil"), coil),
+            },
+            _ => {
+                self.problem(key, "an output is { bus, unit, coil } or { gpio, active_low }");
+                OutputSpec::Gpio { pin: 0, active_low: false }
+            }
+        }
+    }
+
+    fn input(&mut self, key: &str, i: RawInput, buses: &HashMap<String, usize>) -> InputSpec {
+        match (i.gpio, i.bus, i.unit, i.discrete_input) {
+            (Some(pin), None, None, None) => InputSpec::Gpio { pin: self.gpio(&format!("{key}.gpio"), pin), active_low: i.active_low },
+            (None, Some(bus), Some(unit), Some(input)) => InputSpec::DiscreteInput {
+                bus: self.bus_ref(&format!("{key}.bus"), &bus, buses),
+                unit: self.unit(&format!("{key}.unit"), unit),
+                input: self.register(&format!("{key}.discrete_input"), input),
+            },
+            _ => {
+                self.problem(key, "an input is { bus, unit, discrete_input } or { gpio, active_low }");
+                InputSpec::Gpio { pin: 0, active_low: false }
+            }
+        }
+    }
+
+    fn gpio_conflicts(&mut self, sounders: &[Sounder], panel: &Panel) {
+        let mut used: HashMap<u8, String> = HashMap::new();
+        let outputs = sounders
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("sounder[{i}].output"), Some(&s.output)))
+            .chain([
+                ("panel.fire_led".to_owned(), panel.fire_led.as_ref()),
+                ("panel.fault_led".to_owned(), panel.fault_led.as_ref()),
+                ("panel.buzzer".to_owned(), panel.buzzer.as_ref()),
+            ]);
+        let mut pins: Vec<(String, u8)> = outputs
+            .filter_map(|(k, o)| match o {
+                Some(OutputSpec::Gpio { pin, .. }) => Some((k, *pin)),
+                _ => None,
+            })
+            .collect();
+        for (k, i) in [("panel.silence_key", &panel.silence_key), ("panel.reset_key", &panel.reset_key)] {
+            if let Some(InputSpec::Gpio { pin, .. }) = i {
+                pins.push((k.to_owned(), *pin));
+            }
+        }
+        for (key, pin) in pins {
+            if let Some(other) = used.insert(pin, key.clone()) {
+                self.problem(key, format!("GPIO {pin} is already used by {other}"));
+            }
+        }
+    }
+}
+
+/// 1-based line of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.as_bytes().iter().take(at).filter(|&&b| b == b'\n').count() + 1
+}
+
+/// The byte offset of the deepest part of the TOML `path` (`detector[2].unit`) found in `doc`.
+fn span_of(doc: &toml_edit::ImDocument<&str>, path: &str) -> Option<usize> {
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut best = None;
+    for part in path.split('.') {
+        let (name, index) = match part.split_once('[') {
+            Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let Some((key, item)) = table.get_key_value(name) else { break };
+        best = key.span().map(|s| s.start).or(best);
+        let next: Option<&dyn toml_edit::TableLike> = match index {
+            None => item.as_table_like(),
+            Some(i) => {
+                if let Some(t) = item.as_array_of_tables().and_then(|a| a.get(i)) {
+                    best = t.span().map(|s| s.start).or(best);
+                    Some(t)
+                } else if let Some(v) = item.as_array().and_then(|a| a.get(i)) {
+                    best = v.span().map(|s| s.start).or(best);
+                    v.as_inline_table().map(|t| t as &dyn toml_edit::TableLike)
+                } else {
+                    None
+                }
+            }
+        };
+        match next {
+            Some(t) => table = t,
+            None => break,
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[gateway]
+id = "yian"
+name = "遗安小区"
+state_dir = "/tmp/vgw"
+
+[uplink]
+url = "mqtt://127.0.0.1:1883"
+
+[[bus]]
+name = "a"
+rtu = { port = "/dev/ttyUSB0", baud = 9600 }
+
+[[detector]]
+id = "A-101"
+bus = "a"
+unit = 1
+zone = "A"
+location = "A栋101室"
+
+[[sounder]]
+id = "A-sounder"
+zones = ["A"]
+output = { bus = "a", unit = 100, coil = 0 }
+
+[panel]
+fire_led = { gpio = 5 }
+buzzer = { bus = "a", unit = 100, coil = 7 }
+silence_key = { bus = "a", unit = 100, discrete_input = 0 }
+"#;
+
+    fn check(text: &str) -> Result<Config, Error> {
+        Config::from_toml(text, Path::new("gw.toml"))
+    }
+
+    #[test]
+    fn a_good_config_validates_with_defaults_filled_in() {
+        let c = check(GOOD).unwrap();
+        assert_eq!(c.uplink.client_id, "vgw-yian");
+        assert_eq!(c.uplink.topic_prefix, "village");
+        assert_eq!(c.buses[0].offline_after, 3);
+        assert_eq!(c.buses[0].timeout, default_timeout(9600));
+        assert_eq!(c.detectors[0].unit, UnitId(1));
+        assert_eq!(c.sounders[0].output, OutputSpec::Coil { bus: 0, unit: UnitId(100), coil: 0 });
+        assert_eq!(c.panel.fire_led, Some(OutputSpec::Gpio { pin: 5, active_low: false }));
+    }
+
+    #[test]
+    fn a_unit_out_of_range_is_reported_with_its_line_and_key() {
+        let text = GOOD.replace("unit = 1\n", "unit = 300\n");
+        let e = check(&text).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].key, "detector[0].unit");
+        assert_eq!(e.problems[0].line, Some(17));
+        assert!(e.to_string().starts_with("gw.toml:17: detector[0].unit: unit id 300"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_with_its_line() {
+        let text = GOOD.replace("zone = \"A\"\n", "zone = \"A\"\nzoen = \"B\"\n");
+        let e = check(&text).unwrap_err();
+        assert_eq!(e.problems[0].line, Some(19), "{e}");
+        assert!(e.problems[0].message.contains("zoen"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_not_just_the_first() {
+        let text = GOOD.replace("bus = \"a\"\nunit = 1", "bus = \"b\"\nunit = 0").replace("baud = 9600", "baud = 5");
+        let e = check(&text).unwrap_err();
+        let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["bus[0].rtu.baud", "detector[0].bus", "detector[0].unit"], "{e}");
+        assert_eq!(e.problems[0].line, Some(12));
+    }
+
+    #[test]
+    fn inline_table_keys_point_at_their_own_line() {
+        let text = GOOD.replace("output = { bus = \"a\", unit = 100, coil = 0 }", "output = { bus = \"z\", unit = 100, coil = 0 }");
+        let e = check(&text).unwrap_err();
+        assert_eq!(e.problems[0].key, "sounder[0].output.bus");
+        assert_eq!(e.problems[0].line, Some(24), "{e}");
+    }
+
+    #[test]
+    fn durations_need_units() {
+        let text = GOOD.replace("baud = 9600 }", "baud = 9600 }\ntimeout = \"200\"");
+        let e = check(&text).unwrap_err();
+        assert_eq!(e.problems[0].key, "bus[0].timeout");
+        assert_eq!(e.problems[0].line, Some(13));
+    }
+
+    #[test]
+    fn two_devices_on_one_address_are_refused() {
+        let text = format!("{GOOD}\n[[detector]]\nid = \"A-102\"\nbus = \"a\"\nunit = 1\nzone = \"A\"\n");
+        let e = check(&text).unwrap_err();
+        assert!(e.problems[0].message.contains("already device \"A-101\""), "{e}");
+    }
+
+    #[test]
+    fn duplicate_ids_and_gpio_pins_are_refused() {
+        let text = GOOD.replace("id = \"A-sounder\"", "id = \"A-101\"").replace("buzzer = { bus = \"a\", unit = 100, coil = 7 }", "buzzer = { gpio = 5 }");
+        let e = check(&text).unwrap_err();
+        let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["sounder[0].id", "panel.buzzer"], "{e}");
+    }
+
+    #[test]
+    fn the_example_config_validates() {
+        let text = include_str!("../config/gateway.example.toml");
+        let c = check(text).unwrap();
+        assert!(!c.detectors.is_empty());
+    }
+}
