@@ -1,3 +1,13 @@
-//! (being written)
+//! The field buses: Modbus RTU on RS-485 serial ports and Modbus TCP converters.
+//!
+//! - [`frame`]: the Modbus PDU and its RTU/TCP framing, pure (shared with the simulator).
+//! - [`link`]: one transaction at a time on a port, with timeouts, flushing and resync.
+//! - [`profile`]: decoding a detector's registers with its profile, pure.
+//! - [`poller`]: one poller per bus, writing outputs ahead of polls.
+
 pub mod frame;
 pub mod link;
+// pub mod poller; (enabled once link.rs lands)
+pub mod profile;
+
+// pub use poller::{BusPlan, CoilOutput, FieldReport, PolledDetector, WriteRequest};

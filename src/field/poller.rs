@@ -1,0 +1,269 @@
+//! One poller per bus: it owns the bus's [`Link`], scans its detectors, and writes its
+//! outputs (sounder and panel coils) ahead of the next poll.
+//!
+//! Invariants:
+//! - **Outputs first.** Before every poll transaction, every coil whose wanted level differs
+//!   from the level last confirmed by the unit's FC05 echo is written. A failed write stays
+//!   pending and is retried before the next transaction; it is never dropped.
+//! - **One transaction at a time** on the bus, each bounded by the link's timeout, so a dead
+//!   unit costs one timeout per scan and never stalls the others.
+//! - Each serial bus runs on its own OS thread with a current-thread runtime, so a blocking
+//!   serial call never delays another bus or the engine.
+//! - A reading is attributed to a detector only when the link validated the reply's unit,
+//!   function code, count and CRC. Anything else is a missed poll.
+//! - A port that fails with an I/O error (adapter unplugged) is reopened with backoff; until
+//!   it is back, every scan counts a miss for each detector, so they go offline as usual.
+//!
+//! It does not decide anything about fire: readings and misses go to the engine as
+//! [`FieldReport`]s.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::frame::{Request, Response};
+use super::link::{self, Link, LinkSettings};
+use super::profile;
+use crate::config::SmokeProfile;
+use crate::event::{DetectorReading, UnitId};
+
+/// A detector this bus polls.
+#[derive(Debug, Clone)]
+pub struct PolledDetector {
+    /// The engine's index of this detector.
+    pub index: usize,
+    pub unit: UnitId,
+    pub profile: SmokeProfile,
+}
+
+/// A coil this bus drives (a sounder, a panel LED or buzzer on a relay module).
+#[derive(Debug)]
+pub struct CoilOutput {
+    /// For logs and reports.
+    pub name: String,
+    pub unit: UnitId,
+    pub coil: u16,
+    /// The level the engine wants.
+    pub wanted: watch::Receiver<bool>,
+}
+
+/// A one-off write (a detector's remote reset).
+#[derive(Debug, Clone)]
+pub struct WriteRequest {
+    pub unit: UnitId,
+    pub request: Request,
+}
+
+/// What a bus reports to the engine.
+#[derive(Debug, Clone)]
+pub enum FieldReport {
+    /// Detector `detector` answered with `reading` at `at`.
+    Reading { detector: usize, reading: DetectorReading, at: Instant },
+    /// Detector `detector` did not answer validly.
+    Missed { detector: usize, reason: String },
+    /// An output write finished: `ok` when the unit echoed it.
+    OutputWritten { name: String, on: bool, ok: bool, at: Instant },
+    /// A scan cycle of `bus` ended after `cycle`.
+    Cycle { bus: String, cycle: Duration },
+}
+
+/// Everything one bus needs.
+#[derive(Debug)]
+pub struct BusPlan {
+    pub name: String,
+    pub settings: LinkSettings,
+    /// Minimum scan cycle; zero = back to back.
+    pub scan_interval: Duration,
+    pub detectors: Vec<PolledDetector>,
+    pub coils: Vec<CoilOutput>,
+    /// Notified when a wanted level changes or a write is queued.
+    pub wake: Arc<Notify>,
+    pub writes: mpsc::UnboundedReceiver<WriteRequest>,
+}
+
+/// Runs `plan` on its own thread until `shutdown` is cancelled.
+///
+/// # Errors
+/// Only if the OS cannot start a thread or its runtime.
+pub fn spawn(
+    plan: BusPlan,
+    reports: mpsc::Sender<FieldReport>,
+    shutdown: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new()
+        .name(format!("bus-{}", plan.name))
+        .spawn(move || rt.block_on(run(plan, reports, shutdown)))
+}
+
+struct Coil {
+    out: CoilOutput,
+    /// The level the unit last confirmed; `None` until the first write succeeds.
+    confirmed: Option<bool>,
+    /// A write failed in this scan cycle: retry in the next one, so that a dead relay module
+    /// costs one timeout per cycle, not one per poll. A new wanted level is tried at once.
+    failed: Option<bool>,
+}
+
+/// The bus loop. See the module doc for its invariants.
+pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: CancellationToken) {
+    let BusPlan { name, settings, scan_interval, detectors, coils, wake, mut writes } = plan;
+    let mut coils: Vec<Coil> = coils.into_iter().map(|out| Coil { out, confirmed: None, failed: None }).collect();
+    let mut link: Option<Link> = None;
+    let mut backoff = Duration::from_millis(200);
+    let bus = name.as_str();
+
+    while !shutdown.is_cancelled() {
+        let cycle_start = Instant::now();
+        if link.is_none() {
+            match Link::open(settings.clone()).await {
+                Ok(l) => {
+                    info!(bus, "Bus opened.");
+                    link = Some(l);
+                    backoff = Duration::from_millis(200);
+                }
+                Err(e) => {
+                    warn!(bus, error = %e, retry_ms = backoff.as_millis() as u64, "Cannot open bus; retrying.");
+                    for d in &detectors {
+                        let reason = format!("bus {bus} cannot be opened: {e}");
+                        if reports.send(FieldReport::Missed { detector: d.index, reason }).await.is_err() {
+                            return;
+                        }
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
+        let Some(l) = link.as_mut() else { continue };
+        for c in &mut coils {
+            c.failed = None;
+        }
+
+        let mut broken = false;
+        for d in &detectors {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if let Err(e) = service_outputs(l, &mut coils, &mut writes, &reports, bus).await {
+                warn!(bus, error = %e, "Bus failed while writing outputs; reopening.");
+                broken = true;
+                break;
+            }
+            let request = Request::ReadInputRegisters {
+                address: d.profile.first_register,
+                count: d.profile.register_count,
+            };
+            let report = match l.call(d.unit, &request).await {
+                Ok(Ok(Response::Registers(regs))) => match profile::decode(&d.profile, &regs) {
+                    Ok(reading) => FieldReport::Reading { detector: d.index, reading, at: Instant::now() },
+                    Err(e) => FieldReport::Missed { detector: d.index, reason: e.to_string() },
+                },
+                Ok(Ok(other)) => {
+                    FieldReport::Missed { detector: d.index, reason: format!("unexpected reply {other:?}") }
+                }
+                Ok(Err(exception)) => {
+                    FieldReport::Missed { detector: d.index, reason: format!("exception: {exception}") }
+                }
+                Err(link::Error::Io(e)) => {
+                    warn!(bus, error = %e, "Bus I/O failed; reopening.");
+                    broken = true;
+                    FieldReport::Missed { detector: d.index, reason: format!("bus I/O error: {e}") }
+                }
+                Err(e) => {
+                    debug!(bus, unit = d.unit.0, error = %e, "Poll failed.");
+                    FieldReport::Missed { detector: d.index, reason: e.to_string() }
+                }
+            };
+            if reports.send(report).await.is_err() {
+                return;
+            }
+            if broken {
+                break;
+            }
+        }
+        if !broken {
+            if let Err(e) = service_outputs(l, &mut coils, &mut writes, &reports, bus).await {
+                warn!(bus, error = %e, "Bus failed while writing outputs; reopening.");
+                broken = true;
+            }
+        }
+        if broken {
+            link = None;
+            continue;
+        }
+        let cycle = cycle_start.elapsed();
+        if reports.send(FieldReport::Cycle { bus: name.clone(), cycle }).await.is_err() {
+            return;
+        }
+        // Idle until the next scan is due, but write outputs at once when they change.
+        let next = tokio::time::Instant::from_std(cycle_start + scan_interval);
+        loop {
+            if tokio::time::Instant::now() >= next {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => break,
+                () = wake.notified() => {
+                    if let Err(e) = service_outputs(l, &mut coils, &mut writes, &reports, bus).await {
+                        warn!(bus, error = %e, "Bus failed while writing outputs; reopening.");
+                        link = None;
+                        break;
+                    }
+                }
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Writes every coil whose wanted level is not yet confirmed, then the queued one-off writes.
+/// Returns the link's I/O error when the port itself failed; device errors are reported.
+async fn service_outputs(
+    link: &mut Link,
+    coils: &mut [Coil],
+    writes: &mut mpsc::UnboundedReceiver<WriteRequest>,
+    reports: &mpsc::Sender<FieldReport>,
+    bus: &str,
+) -> Result<(), std::io::Error> {
+    for c in coils.iter_mut() {
+        let on = *c.out.wanted.borrow_and_update();
+        if c.confirmed == Some(on) || c.failed == Some(on) {
+            continue;
+        }
+        let request = Request::WriteSingleCoil { address: c.out.coil, on };
+        let result = link.call(c.out.unit, &request).await;
+        let at = Instant::now();
+        let ok = matches!(result, Ok(Ok(_)));
+        if ok {
+            c.confirmed = Some(on);
+            c.failed = None;
+            info!(bus, output = %c.out.name, on, "Output driven.");
+        } else {
+            c.confirmed = None;
+            c.failed = Some(on);
+            warn!(bus, output = %c.out.name, on, result = ?result.as_ref().map(|r| r.as_ref().map(|_| ())), "Output write failed; retrying in the next scan cycle.");
+        }
+        // Reports are best effort here: the engine loop may be gone at shutdown.
+        let _ = reports.try_send(FieldReport::OutputWritten { name: c.out.name.clone(), on, ok, at });
+        if let Err(link::Error::Io(e)) = result {
+            return Err(e);
+        }
+    }
+    while let Ok(w) = writes.try_recv() {
+        match link.call(w.unit, &w.request).await {
+            Ok(Ok(_)) => debug!(bus, unit = w.unit.0, "Write done."),
+            Ok(Err(ex)) => warn!(bus, unit = w.unit.0, exception = %ex, "Write refused by the unit."),
+            Err(link::Error::Io(e)) => return Err(e),
+            Err(e) => warn!(bus, unit = w.unit.0, error = %e, "Write failed."),
+        }
+    }
+    Ok(())
+}
