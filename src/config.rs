@@ -623,6 +623,34 @@ impl Config {
     }
 }
 
+/// A few lines for an installer: what the config describes, per bus.
+pub fn summary(c: &Config) -> String {
+    let mut out = format!(
+        "gateway {} ({}): {} buses, {} detectors, {} sounders, {} doors; uplink {}",
+        c.gateway.id,
+        c.gateway.name,
+        c.buses.len(),
+        c.detectors.len(),
+        c.sounders.len(),
+        c.doors.len(),
+        c.uplink.url
+    );
+    for (i, b) in c.buses.iter().enumerate() {
+        let detectors = c.detectors.iter().filter(|d| d.bus == i).count();
+        let how = match &b.transport {
+            BusTransport::Rtu { port, baud, .. } => format!("{port} at {baud} baud"),
+            BusTransport::Tcp { addr } => format!("Modbus TCP {addr}"),
+        };
+        out.push_str(&format!(
+            "\n  bus {}: {how}, {detectors} detectors, timeout {} ms, offline after {} missed polls",
+            b.name,
+            b.timeout.as_millis(),
+            b.offline_after
+        ));
+    }
+    out
+}
+
 /// The default transaction timeout of an RTU bus: 100 ms for the unit to answer plus the
 /// wire time of a 40-byte reply at `baud` (11 bits per character, the worst case framing).
 pub fn default_timeout(baud: u32) -> Duration {

@@ -38,6 +38,7 @@ pub mod demo;
 pub mod engine;
 pub mod event;
 pub mod field;
+pub mod logging;
 pub mod outputs;
 pub mod sim;
 pub mod store;
