@@ -753,8 +753,11 @@ fn mbap(transaction: u16, unit: UnitId, pdu: &[u8]) -> Vec<u8> {
     out
 }
 
+/// An MBAP frame's transaction id, unit id and PDU.
+type MbapFrame<'a> = (u16, UnitId, &'a [u8]);
+
 /// Splits one MBAP frame off `buf`: (transaction, unit, PDU, frame length).
-fn split_mbap(buf: &[u8]) -> Result<Decoded<(u16, UnitId, &[u8])>, FrameError> {
+fn split_mbap(buf: &[u8]) -> Result<Decoded<MbapFrame<'_>>, FrameError> {
     if buf.len() < 7 {
         return Ok(Decoded::NeedMore(7 - buf.len()));
     }
@@ -1032,7 +1035,7 @@ mod tests {
         for cut in 0..frame.len() {
             match decode_rtu_response(&frame[..cut], UnitId(1), &read_input(4)).unwrap() {
                 Decoded::NeedMore(n) => {
-                    assert!(n >= 1 && cut + n <= frame.len(), "cut {cut} n {n}")
+                    assert!(n >= 1 && cut + n <= frame.len(), "cut {cut} n {n}");
                 }
                 Decoded::Complete(..) => panic!("complete at {cut}"),
             }
