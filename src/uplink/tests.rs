@@ -1,0 +1,325 @@
+//! The uplink against the embedded broker: events, acks, commands, status, late broker.
+
+use std::time::UNIX_EPOCH;
+
+use rumqttc::{MqttOptions, Publish};
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::broker;
+use crate::event::EventData;
+
+/// Every test ends well within this; a hang fails instead of blocking the suite.
+const TEST_DEADLINE: Duration = Duration::from_secs(30);
+
+fn settings(port: u16) -> UplinkSettings {
+    UplinkSettings {
+        url: format!("mqtt://127.0.0.1:{port}"),
+        client_id: "vgw-yian".to_owned(),
+        gateway_id: "yian".to_owned(),
+        topic_prefix: "village".to_owned(),
+        keep_alive: Duration::from_secs(5),
+        username: None,
+        password: None,
+        ca_file: None,
+        cert_file: None,
+        key_file: None,
+    }
+}
+
+fn event(kind: EventKind, ms: u64) -> Event {
+    Event::new(
+        kind,
+        UNIX_EPOCH + Duration::from_millis(ms),
+        EventData::default(),
+    )
+}
+
+/// A running uplink and the ends of its channels.
+struct Running {
+    tap: broadcast::Receiver<UplinkTap>,
+    commands: mpsc::Receiver<CommandRequest>,
+    _status: watch::Sender<Status>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+fn spawn_uplink(settings: UplinkSettings, store: Store) -> Running {
+    let (tap_tx, tap) = broadcast::channel(1024);
+    let (commands_tx, commands) = mpsc::channel(8);
+    let (status_tx, status_rx) = watch::channel(Status::default());
+    let wake = Arc::new(Notify::new());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(
+        settings,
+        store,
+        wake.clone(),
+        commands_tx,
+        status_rx,
+        Some(tap_tx),
+        shutdown.clone(),
+    ));
+    Running {
+        tap,
+        commands,
+        _status: status_tx,
+        wake,
+        shutdown,
+        task,
+    }
+}
+
+/// A test client subscribed (SUBACK received) to `filters`; publishes arrive on the receiver.
+async fn subscriber(
+    port: u16,
+    id: &str,
+    filters: &[&str],
+) -> (AsyncClient, mpsc::UnboundedReceiver<Publish>) {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    for f in filters {
+        client.subscribe(*f, QoS::AtLeastOnce).await.unwrap();
+    }
+    let mut subacks = 0;
+    while subacks < filters.len() {
+        if let rumqttc::Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await.unwrap() {
+            subacks += 1;
+        }
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = eventloop.poll().await {
+            if let rumqttc::Event::Incoming(Packet::Publish(p)) = ev {
+                if tx.send(p).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (client, rx)
+}
+
+async fn next_on(rx: &mut mpsc::UnboundedReceiver<Publish>, topic: &str) -> serde_json::Value {
+    loop {
+        let p = rx.recv().await.unwrap();
+        if p.topic == topic {
+            return serde_json::from_slice(&p.payload).unwrap();
+        }
+    }
+}
+
+async fn wait_for_tap(tap: &mut broadcast::Receiver<UplinkTap>, want: impl Fn(&UplinkTap) -> bool) {
+    loop {
+        if want(&tap.recv().await.unwrap()) {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_events_arrive_in_seq_order_and_leave_the_store_after_their_pubacks() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let broker = broker::start(0).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..50 {
+            store.append(&event(EventKind::AccessGranted, i)).unwrap();
+        }
+        let (_client, mut events) =
+            subscriber(broker.port(), "upstream", &["village/yian/event/#"]).await;
+        let mut up = spawn_uplink(settings(broker.port()), store.clone());
+
+        let mut ids = Vec::new();
+        while ids.len() < 50 {
+            let p = events.recv().await.unwrap();
+            assert_eq!(p.topic, "village/yian/event/access.granted");
+            let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+            ids.push(v["id"].as_str().unwrap().to_owned());
+        }
+        let want: Vec<String> = (1..=50).map(|s| format!("yian-{s}")).collect();
+        assert_eq!(ids, want);
+
+        let mut acked = Vec::new();
+        while acked.len() < 50 {
+            if let UplinkTap::Acked { seq, .. } = up.tap.recv().await.unwrap() {
+                acked.push(seq.0);
+            }
+        }
+        assert_eq!(store.stats().unwrap().depth, 0);
+
+        // A new event after a wake goes out too.
+        let seq = store.append(&event(EventKind::FireAlarm, 99)).unwrap();
+        up.wake.notify_one();
+        wait_for_tap(
+            &mut up.tap,
+            |t| matches!(t, UplinkTap::Acked { seq: s, .. } if *s == seq),
+        )
+        .await;
+        assert_eq!(store.stats().unwrap().depth, 0);
+
+        up.shutdown.cancel();
+        up.task.await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_reach_the_daemon_and_every_command_gets_a_result() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let broker = broker::start(0).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (client, mut upstream) = subscriber(
+            broker.port(),
+            "upstream",
+            &["village/yian/cmd-result", "village/yian/status"],
+        )
+        .await;
+        let mut up = spawn_uplink(settings(broker.port()), store);
+        wait_for_tap(&mut up.tap, |t| *t == UplinkTap::Connected).await;
+
+        let status = next_on(&mut upstream, "village/yian/status").await;
+        assert_eq!(status["online"], true);
+        assert_eq!(status["outbox_depth"], 0);
+
+        // A valid command goes to the daemon; its answer comes back as the result.
+        client
+            .publish(
+                "village/yian/cmd/silence",
+                QoS::AtLeastOnce,
+                false,
+                r#"{"id":"c1"}"#,
+            )
+            .await
+            .unwrap();
+        let request = up.commands.recv().await.unwrap();
+        assert_eq!(
+            request.command,
+            Command {
+                id: "c1".into(),
+                kind: CommandKind::Silence
+            }
+        );
+        request.reply.send(Ok(())).unwrap();
+        let result = next_on(&mut upstream, "village/yian/cmd-result").await;
+        assert_eq!(result, serde_json::json!({ "id": "c1", "ok": true }));
+
+        // The daemon may refuse.
+        client
+            .publish(
+                "village/yian/cmd/reset",
+                QoS::AtLeastOnce,
+                false,
+                r#"{"id":"c2"}"#,
+            )
+            .await
+            .unwrap();
+        let request = up.commands.recv().await.unwrap();
+        request.reply.send(Err("nothing to reset".into())).unwrap();
+        let result = next_on(&mut upstream, "village/yian/cmd-result").await;
+        assert_eq!(
+            result,
+            serde_json::json!({ "id": "c2", "ok": false, "error": "nothing to reset" })
+        );
+
+        // Malformed: no id to echo.
+        client
+            .publish(
+                "village/yian/cmd/silence",
+                QoS::AtLeastOnce,
+                false,
+                "not json",
+            )
+            .await
+            .unwrap();
+        let result = next_on(&mut upstream, "village/yian/cmd-result").await;
+        assert_eq!(result["id"], serde_json::Value::Null);
+        assert_eq!(result["ok"], false);
+        assert!(result["error"].as_str().unwrap().contains("JSON"));
+
+        // Unknown: the id is echoed.
+        client
+            .publish(
+                "village/yian/cmd/explode",
+                QoS::AtLeastOnce,
+                false,
+                r#"{"id":"c3"}"#,
+            )
+            .await
+            .unwrap();
+        let result = next_on(&mut upstream, "village/yian/cmd-result").await;
+        assert_eq!(result["id"], "c3");
+        assert_eq!(result["ok"], false);
+
+        // A clean shutdown leaves `online: false` retained.
+        up.shutdown.cancel();
+        up.task.await.unwrap();
+        let status = next_on(&mut upstream, "village/yian/status").await;
+        assert_eq!(status["online"], false);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uplink_keeps_trying_until_the_broker_appears_then_drains_the_outbox() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let port = broker::free_port().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..3 {
+            store.append(&event(EventKind::DeviceOffline, i)).unwrap();
+        }
+        let mut up = spawn_uplink(settings(port), store.clone());
+        // Connection attempts fail meanwhile; start the broker on the port it keeps trying.
+        let _broker = broker::start(port).unwrap();
+        let mut acked = 0;
+        while acked < 3 {
+            if let UplinkTap::Acked { .. } = up.tap.recv().await.unwrap() {
+                acked += 1;
+            }
+        }
+        assert_eq!(store.stats().unwrap().depth, 0);
+        up.shutdown.cancel();
+        up.task.await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn invalid_settings_end_the_uplink_instead_of_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut s = settings(1);
+    s.keep_alive = Duration::from_millis(10);
+    let up = spawn_uplink(s, store);
+    tokio::time::timeout(TEST_DEADLINE, up.task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[test]
+fn command_results_follow_the_contract_shape() {
+    let ok = CommandResult {
+        id: Some("a".into()),
+        outcome: Ok(()),
+        refresh_status: false,
+    };
+    let v: serde_json::Value = serde_json::from_slice(&ok.payload()).unwrap();
+    assert_eq!(v, serde_json::json!({ "id": "a", "ok": true }));
+    let err = CommandResult {
+        id: None,
+        outcome: Err("bad".into()),
+        refresh_status: false,
+    };
+    let v: serde_json::Value = serde_json::from_slice(&err.payload()).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({ "id": null, "ok": false, "error": "bad" })
+    );
+}
