@@ -128,6 +128,9 @@ struct State {
     parity: Parity,
     stop_bits: u8,
     units: BTreeMap<u8, Unit>,
+    /// Fault injection: echo every received byte back, like an RS-485 adapter that reads back
+    /// the gateway's own transmission.
+    echo: bool,
 }
 
 impl State {
@@ -148,6 +151,8 @@ struct Unit {
     holding: BTreeMap<u16, u16>,
     /// Extra delay before this unit's replies (fault injection: a slow or late unit).
     reply_delay: Duration,
+    /// Fault injection: this unit's RTU replies carry a wrong CRC.
+    corrupt_replies: bool,
 }
 
 impl Unit {
@@ -166,6 +171,7 @@ impl Unit {
             inputs: vec![false; inputs],
             holding: holding.iter().map(|a| (*a, 0)).collect(),
             reply_delay: Duration::ZERO,
+            corrupt_replies: false,
         }
     }
 
@@ -210,6 +216,7 @@ impl Simulator {
                     parity: Parity::None,
                     stop_bits: 1,
                     units,
+                    echo: false,
                 }),
                 events,
                 served: AtomicU64::new(0),
@@ -293,6 +300,21 @@ impl Simulator {
         }
     }
 
+    /// Fault injection: the RTU replies of `unit` carry a wrong CRC (line noise). Modbus TCP
+    /// has no CRC and is not affected.
+    pub fn set_corrupt_replies(&self, unit: UnitId, corrupt: bool) {
+        if let Some(u) = self.state().units.get_mut(&unit.0) {
+            u.corrupt_replies = corrupt;
+        }
+    }
+
+    /// Fault injection on serial transports: every byte the gateway sends is echoed back to it
+    /// at once, as by an RS-485 adapter that reads back its own transmission (the gateway's
+    /// `echo = true` setting).
+    pub fn set_adapter_echo(&self, echo: bool) {
+        self.state().echo = echo;
+    }
+
     /// The state of coil `address` of `unit`, or `None` if the unit or coil does not exist.
     pub fn coil(&self, unit: UnitId, address: u16) -> Option<bool> {
         self.state()
@@ -367,11 +389,14 @@ impl Simulator {
         reply
     }
 
-    fn reply_delay(&self, unit: UnitId) -> Duration {
+    /// The injected faults of `unit`: (reply delay, corrupt CRC).
+    fn faults(&self, unit: UnitId) -> (Duration, bool) {
         self.state()
             .units
             .get(&unit.0)
-            .map_or(Duration::ZERO, |u| u.reply_delay)
+            .map_or((Duration::ZERO, false), |u| {
+                (u.reply_delay, u.corrupt_replies)
+            })
     }
 
     /// Opens a pseudo-terminal pair in raw mode and serves the units on its master side from a
@@ -485,7 +510,7 @@ impl Simulator {
                 };
                 buf.drain(..used.min(buf.len()));
                 if let Some(reply) = reply {
-                    let delay = self.reply_delay(unit);
+                    let (delay, _) = self.faults(unit);
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
@@ -858,9 +883,9 @@ async fn serve_serial(sim: Simulator, fd: OwnedFd, stop: &AtomicBool) -> io::Res
         if stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let (baud, bits) = {
+        let (baud, bits, echo) = {
             let s = sim.state();
-            (s.baud, s.bits_per_char())
+            (s.baud, s.bits_per_char(), s.echo)
         };
         let t35 = silent_interval_for(baud, bits);
         // A partial frame is dropped after a silence (t3.5, at least 10 ms: USB adapters and the
@@ -885,8 +910,13 @@ async fn serve_serial(sim: Simulator, fd: OwnedFd, stop: &AtomicBool) -> io::Res
                 continue;
             }
             Ok(Ok(n)) => {
+                let arrival = Instant::now();
+                drop(ready);
+                if echo {
+                    write_all(&port, &chunk[..n]).await;
+                }
                 buf.extend_from_slice(&chunk[..n]);
-                Instant::now()
+                arrival
             }
             Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::EIO) => {
                 // The pty's slave is not open (yet, or any more): wait for the gateway.
@@ -923,10 +953,14 @@ async fn serve_serial(sim: Simulator, fd: OwnedFd, stop: &AtomicBool) -> io::Res
             let Some(reply) = sim.handle(unit, request.as_ref().map_err(|c| *c), received) else {
                 continue;
             };
-            let bytes = encode_rtu_response(unit, function, &reply);
-            sleep_until(
-                received + t35 + wire_time(bytes.len(), baud, bits) + sim.reply_delay(unit),
-            );
+            let mut bytes = encode_rtu_response(unit, function, &reply);
+            let (delay, corrupt) = sim.faults(unit);
+            if corrupt {
+                if let Some(crc_high) = bytes.last_mut() {
+                    *crc_high ^= 0x5A;
+                }
+            }
+            sleep_until(received + t35 + wire_time(bytes.len(), baud, bits) + delay);
             write_all(&port, &bytes).await;
         }
     }

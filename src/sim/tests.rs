@@ -409,3 +409,91 @@ async fn console_prints_coil_writes_as_they_happen() {
     drop(feed);
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn echo_setting_reads_back_our_own_bytes_so_a_dead_unit_is_not_a_successful_write() {
+    let sim = field(115_200);
+    sim.set_adapter_echo(true);
+    let pty = sim.serve_pty().unwrap();
+    let mut settings = rtu(pty.path(), 115_200, 100);
+    if let Transport::Rtu { echo, .. } = &mut settings.transport {
+        *echo = true;
+    }
+    let mut link = Link::open(settings).await.unwrap();
+    sim.set_smoke(SMOKE, SmokeState::Alarm);
+    assert_eq!(registers(&mut link, SMOKE, &status_read()).await[0], 1);
+    sim.set_offline(RELAY, true);
+    let write = Request::WriteSingleCoil {
+        address: 0,
+        on: true,
+    };
+    assert!(matches!(
+        link.call(RELAY, &write).await,
+        Err(link::Error::Timeout)
+    ));
+    sim.set_offline(RELAY, false);
+    assert_eq!(
+        link.call(RELAY, &write).await.unwrap(),
+        Ok(Response::WriteSingleCoil {
+            address: 0,
+            on: true
+        })
+    );
+}
+
+#[tokio::test]
+async fn an_unexpected_echo_makes_reads_fail_instead_of_returning_our_own_request() {
+    let sim = field(115_200);
+    sim.set_adapter_echo(true);
+    let pty = sim.serve_pty().unwrap();
+    let mut link = Link::open(rtu(pty.path(), 115_200, 100)).await.unwrap();
+    assert!(matches!(
+        link.call(SMOKE, &status_read()).await,
+        Err(link::Error::Frame(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_corrupted_reply_is_a_counted_crc_error_and_the_next_call_recovers() {
+    let sim = field(115_200);
+    let pty = sim.serve_pty().unwrap();
+    let mut link = Link::open(rtu(pty.path(), 115_200, 200)).await.unwrap();
+    sim.set_corrupt_replies(SMOKE, true);
+    assert!(matches!(
+        link.call(SMOKE, &status_read()).await,
+        Err(link::Error::Frame(FrameError::Crc))
+    ));
+    sim.set_corrupt_replies(SMOKE, false);
+    assert_eq!(registers(&mut link, SMOKE, &status_read()).await.len(), 4);
+    assert_eq!(link.stats().crc_errors, 1);
+}
+
+#[tokio::test]
+async fn the_pty_serves_a_gateway_that_reopens_the_port() {
+    let sim = field(115_200);
+    let pty = sim.serve_pty().unwrap();
+    for _ in 0..3 {
+        let mut link = Link::open(rtu(pty.path(), 115_200, 500)).await.unwrap();
+        assert_eq!(registers(&mut link, SMOKE, &status_read()).await.len(), 4);
+    }
+}
+
+#[tokio::test]
+async fn a_vanished_port_is_an_io_error() {
+    let sim = field(115_200);
+    let pty = sim.serve_pty().unwrap();
+    let mut link = Link::open(rtu(pty.path(), 115_200, 50)).await.unwrap();
+    assert_eq!(registers(&mut link, SMOKE, &status_read()).await.len(), 4);
+    drop(pty);
+    // The simulator thread notices the drop within 50 ms and closes the pty master; until then
+    // calls still succeed or time out. Bounded: 100 calls of at most ~60 ms.
+    let mut saw_io = false;
+    for _ in 0..100 {
+        if let Err(link::Error::Io(_)) = link.call(SMOKE, &status_read()).await {
+            saw_io = true;
+            break;
+        }
+    }
+    assert!(saw_io);
+    assert!(link.stats().io_errors >= 1);
+}
