@@ -1,1 +1,456 @@
-//! (being written)
+//! The daemon's wiring, and nothing else: open the store, build the engine, start one poller
+//! per bus, the output drivers, the store writer and the uplink, and stop them in order.
+//!
+//! The alarm path never waits on disk or network: a field report goes to the engine loop,
+//! whose output actions are applied (a `watch` level and a wake of the bus) before its events
+//! are handed to the store writer thread, which appends them durably and wakes the uplink.
+//!
+//! Shutdown: the token is cancelled (SIGTERM, SIGINT); pollers and the engine loop stop; the
+//! store writer drains what the engine handed it, then flushes; the uplink stops.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{BusTransport, Config, OutputSpec, Parity};
+use crate::engine::fire::{DetectorSpec, Origin, PanelSpec, SounderSpec};
+use crate::engine::{Action, FireEngine, Input, OutputId, Step};
+use crate::event::{CommandKind, Event, EventData, EventKind, Seq, Status, UnitId};
+use crate::field::frame::Request;
+use crate::field::link::{self, LinkSettings};
+use crate::field::{poller, BusPlan, CoilOutput, FieldReport, PolledDetector, WriteRequest};
+use crate::outputs::{self, GpioOutput};
+use crate::store::Store;
+use crate::uplink::{self, CommandRequest, UplinkSettings, UplinkTap};
+
+/// What the daemon did, for the demo's printout and the tests. Sent only when asked for.
+#[derive(Debug, Clone)]
+pub enum Tap {
+    /// The engine changed an output's wanted level (before any write).
+    OutputWanted { output: String, on: bool, at: Instant },
+    /// A field report (readings, misses, writes, cycles).
+    Field(FieldReport),
+    /// The engine raised an event (before it is stored).
+    Raised(Event),
+    /// The store accepted an event and numbered it.
+    Stored { seq: Seq, kind: EventKind },
+    /// The uplink's news (connected, acknowledged, commands).
+    Uplink(UplinkTap),
+}
+
+/// Runs the gateway described by `config` until `shutdown` is cancelled.
+///
+/// # Errors
+/// Start-up failures only (the state directory cannot be opened, a thread cannot start).
+/// Field and network trouble is logged, reported and retried, never returned.
+pub async fn run(config: Config, shutdown: CancellationToken, tap: Option<broadcast::Sender<Tap>>) -> anyhow::Result<()> {
+    let started = SystemTime::now();
+    std::fs::create_dir_all(&config.gateway.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", config.gateway.state_dir.display()))?;
+    let store = Store::open(&config.gateway.state_dir.join("outbox"))
+        .with_context(|| format!("cannot open the outbox in {}", config.gateway.state_dir.display()))?;
+
+    let mut engine = build_engine(&config);
+    let mut start_events = vec![Event::new(
+        EventKind::GatewayStarted,
+        started,
+        EventData {
+            reason: Some(format!("village-gateway {} started", env!("CARGO_PKG_VERSION"))),
+            ..EventData::default()
+        },
+    )];
+
+    // One wanted level per output; the bus's poller or a GPIO driver follows it.
+    let tracker = TaskTracker::new();
+    let mut levels: HashMap<OutputId, Level> = HashMap::new();
+    let mut plans: Vec<BusPlan> = Vec::new();
+    let mut writers: Vec<mpsc::UnboundedSender<WriteRequest>> = Vec::new();
+    let mut wakes: Vec<Arc<Notify>> = Vec::new();
+    for bus in &config.buses {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let wake = Arc::new(Notify::new());
+        writers.push(tx);
+        wakes.push(wake.clone());
+        plans.push(BusPlan {
+            name: bus.name.clone(),
+            settings: link_settings(bus),
+            scan_interval: bus.scan_interval,
+            detectors: Vec::new(),
+            coils: Vec::new(),
+            wake,
+            writes: rx,
+        });
+    }
+    for (i, d) in config.detectors.iter().enumerate() {
+        plans[d.bus].detectors.push(PolledDetector { index: i, unit: d.unit, profile: d.profile.clone() });
+    }
+    for (output, name, spec) in output_specs(&config) {
+        let (tx, rx) = watch::channel(false);
+        match spec {
+            OutputSpec::Coil { bus, unit, coil } => {
+                plans[*bus].coils.push(CoilOutput { name: name.clone(), unit: *unit, coil: *coil, wanted: rx });
+                levels.insert(output, Level { name, tx, wake: Some(wakes[*bus].clone()) });
+            }
+            OutputSpec::Gpio { pin, active_low } => {
+                match GpioOutput::open(*pin, *active_low) {
+                    Ok(driver) => {
+                        tracker.spawn(outputs::follow(name.clone(), Box::new(driver), rx, shutdown.clone()));
+                    }
+                    Err(e) => {
+                        error!(output = %name, error = %e, "Output cannot be driven: it will not sound.");
+                        let mut data = EventData { device: Some(name.as_str().into()), ..EventData::default() };
+                        data.reason = Some(e.to_string());
+                        start_events.push(Event::new(EventKind::SounderFault, started, data));
+                    }
+                }
+                levels.insert(output, Level { name, tx, wake: None });
+            }
+        }
+    }
+
+    let (report_tx, mut reports) = mpsc::channel::<FieldReport>(1024);
+    let mut bus_threads = Vec::new();
+    for plan in plans {
+        let name = plan.name.clone();
+        bus_threads.push(
+            poller::spawn(plan, report_tx.clone(), shutdown.clone())
+                .with_context(|| format!("cannot start the thread of bus {name}"))?,
+        );
+    }
+    drop(report_tx);
+
+    // The store writer: a thread of its own, so an fsync never delays the engine loop.
+    let wake_uplink = Arc::new(Notify::new());
+    let (event_tx, event_rx) = mpsc::unbounded_channel::<Event>();
+    let writer = {
+        let store = store.clone();
+        let wake = wake_uplink.clone();
+        let tap = tap.clone();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || store_writer(&store, event_rx, &wake, tap.as_ref()))
+            .context("cannot start the store writer thread")?
+    };
+
+    let (status_tx, status_rx) = watch::channel(Status { online: true, version: env!("CARGO_PKG_VERSION").to_owned(), ..Status::default() });
+    let (cmd_tx, mut commands) = mpsc::channel::<CommandRequest>(64);
+    let (uplink_tap_tx, mut uplink_tap) = broadcast::channel::<UplinkTap>(1024);
+    tracker.spawn(uplink::run(
+        uplink_settings(&config)?,
+        store.clone(),
+        wake_uplink.clone(),
+        cmd_tx,
+        status_rx,
+        Some(uplink_tap_tx),
+        shutdown.clone(),
+    ));
+    if let Some(tap) = tap.clone() {
+        tracker.spawn(async move {
+            while let Ok(t) = uplink_tap.recv().await {
+                let _ = tap.send(Tap::Uplink(t));
+            }
+        });
+    }
+
+    info!(
+        gateway = %config.gateway.id,
+        buses = config.buses.len(),
+        detectors = config.detectors.len(),
+        sounders = config.sounders.len(),
+        "Gateway started."
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let watchdog = sd_notify::watchdog_enabled().is_some();
+
+    let actuator = Actuator {
+        levels,
+        writers,
+        wakes,
+        resets: config
+            .detectors
+            .iter()
+            .map(|d| (d.bus, d.unit, d.profile.remote_reset_register))
+            .collect(),
+        tap: tap.clone(),
+        events: event_tx,
+        status: status_tx,
+    };
+
+    let first = engine.start();
+    actuator.apply(Step { actions: first.actions, events: start_events }, &engine);
+
+    let detector_bus: Vec<usize> = config.detectors.iter().map(|d| d.bus).collect();
+    let bus_index: HashMap<&str, usize> = config.buses.iter().enumerate().map(|(i, b)| (b.name.as_str(), i)).collect();
+    let mut last_progress: Vec<Instant> = vec![Instant::now(); config.buses.len()];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            report = reports.recv() => {
+                let Some(report) = report else { break };
+                if let Some(tap) = &tap {
+                    let _ = tap.send(Tap::Field(report.clone()));
+                }
+                let input = match report {
+                    FieldReport::Reading { detector, reading, .. } => {
+                        last_progress[detector_bus[detector]] = Instant::now();
+                        Input::Reading { detector, reading }
+                    }
+                    FieldReport::Missed { detector, reason } => {
+                        last_progress[detector_bus[detector]] = Instant::now();
+                        Input::PollMissed { detector, reason }
+                    }
+                    FieldReport::Cycle { bus, .. } => {
+                        if let Some(&b) = bus_index.get(bus.as_str()) {
+                            last_progress[b] = Instant::now();
+                        }
+                        continue;
+                    }
+                    FieldReport::OutputWritten { .. } => continue,
+                };
+                let step = engine.step(input, SystemTime::now());
+                actuator.apply(step, &engine);
+            }
+            request = commands.recv() => {
+                let Some(CommandRequest { command, reply }) = request else { continue };
+                info!(command = %command.id, kind = ?command.kind, "Command received.");
+                let origin = Origin::Command(command.id.clone());
+                let input = match command.kind {
+                    CommandKind::Silence => Some(Input::Silence(origin)),
+                    CommandKind::Reset => Some(Input::Reset(origin)),
+                    CommandKind::Status => None,
+                };
+                if let Some(input) = input {
+                    let step = engine.step(input, SystemTime::now());
+                    actuator.apply(step, &engine);
+                } else {
+                    actuator.status.send_modify(|_| {});
+                }
+                let _ = reply.send(Ok(()));
+            }
+            _ = tick.tick() => {
+                // Ping the watchdog only while every bus makes progress (a poll, a miss or a
+                // cycle within 30 s) and this loop runs.
+                if watchdog && last_progress.iter().all(|t| t.elapsed() < Duration::from_secs(30)) {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            }
+        }
+    }
+
+    info!("Gateway stopping.");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    shutdown.cancel();
+    // The actuator owns the last sender of the store writer's queue: dropping it lets the
+    // writer drain what is queued and stop.
+    drop(actuator);
+    tracker.close();
+    for t in bus_threads {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
+        warn!("Some tasks did not stop within 5 s.");
+    }
+    if let Err(e) = store.flush() {
+        error!(error = %e, "Outbox flush at shutdown failed.");
+    }
+    info!("Gateway stopped.");
+    Ok(())
+}
+
+/// Applies the engine's steps: outputs first, then remote resets, then events to the store.
+struct Actuator {
+    levels: HashMap<OutputId, Level>,
+    writers: Vec<mpsc::UnboundedSender<WriteRequest>>,
+    wakes: Vec<Arc<Notify>>,
+    /// Per detector: its bus, unit and remote reset register.
+    resets: Vec<(usize, UnitId, Option<u16>)>,
+    tap: Option<broadcast::Sender<Tap>>,
+    events: mpsc::UnboundedSender<Event>,
+    status: watch::Sender<Status>,
+}
+
+impl Actuator {
+    fn apply(&self, step: Step, engine: &FireEngine) {
+        for action in step.actions {
+            match action {
+                Action::DriveOutput { output, on } => {
+                    if let Some(level) = self.levels.get(&output) {
+                        level.tx.send_replace(on);
+                        if let Some(w) = &level.wake {
+                            w.notify_one();
+                        }
+                        self.tap(|| Tap::OutputWanted { output: level.name.clone(), on, at: Instant::now() });
+                    }
+                }
+                Action::RemoteReset { detector } => {
+                    if let Some(&(bus, unit, Some(address))) = self.resets.get(detector) {
+                        let request = Request::WriteSingleRegister { address, value: 1 };
+                        let _ = self.writers[bus].send(WriteRequest { unit, request });
+                        self.wakes[bus].notify_one();
+                    }
+                }
+            }
+        }
+        for event in step.events {
+            log_event(&event);
+            self.tap(|| Tap::Raised(event.clone()));
+            // Unbounded on purpose: the engine must never wait for the disk; events are rare
+            // (state changes only), so the queue stays small.
+            let _ = self.events.send(event);
+        }
+        self.status.send_if_modified(|s| {
+            let active = engine.latched();
+            let faults = engine.faults();
+            let silenced = engine.silenced();
+            let changed = s.active_fire_alarms != active || s.faults != faults || s.silenced != silenced;
+            s.active_fire_alarms = active;
+            s.faults = faults;
+            s.silenced = silenced;
+            changed
+        });
+    }
+
+    fn tap(&self, f: impl FnOnce() -> Tap) {
+        if let Some(tap) = &self.tap {
+            let _ = tap.send(f());
+        }
+    }
+}
+
+/// An output's wanted level, its name, and the bus to wake when it changes.
+struct Level {
+    name: String,
+    tx: watch::Sender<bool>,
+    wake: Option<Arc<Notify>>,
+}
+
+fn build_engine(config: &Config) -> FireEngine {
+    let detectors = config
+        .detectors
+        .iter()
+        .map(|d| DetectorSpec {
+            id: d.id.clone(),
+            zone: d.zone.clone(),
+            location: d.location.clone(),
+            offline_after: config.buses[d.bus].offline_after,
+            remote_reset: d.profile.remote_reset_register.is_some(),
+        })
+        .collect();
+    let sounders = config.sounders.iter().map(|s| SounderSpec { id: s.id.clone(), zones: s.zones.clone() }).collect();
+    let panel = PanelSpec {
+        fire_led: config.panel.fire_led.is_some(),
+        fault_led: config.panel.fault_led.is_some(),
+        buzzer: config.panel.buzzer.is_some(),
+    };
+    FireEngine::new(detectors, sounders, panel)
+}
+
+/// Every output of the config with the engine's id and a name for logs.
+fn output_specs(config: &Config) -> Vec<(OutputId, String, &OutputSpec)> {
+    let mut v: Vec<(OutputId, String, &OutputSpec)> = config
+        .sounders
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (OutputId::Sounder(i), s.id.0.clone(), &s.output))
+        .collect();
+    let panel = [
+        (OutputId::PanelFireLed, "panel fire LED", &config.panel.fire_led),
+        (OutputId::PanelFaultLed, "panel fault LED", &config.panel.fault_led),
+        (OutputId::PanelBuzzer, "panel buzzer", &config.panel.buzzer),
+    ];
+    for (id, name, spec) in panel {
+        if let Some(spec) = spec {
+            v.push((id, name.to_owned(), spec));
+        }
+    }
+    v
+}
+
+/// The link settings of a configured bus.
+pub fn link_settings(bus: &crate::config::Bus) -> LinkSettings {
+    let transport = match &bus.transport {
+        BusTransport::Rtu { port, baud, parity, stop_bits, echo } => link::Transport::Rtu {
+            port: port.clone(),
+            baud: *baud,
+            parity: match parity {
+                Parity::None => link::Parity::None,
+                Parity::Even => link::Parity::Even,
+                Parity::Odd => link::Parity::Odd,
+            },
+            stop_bits: *stop_bits,
+            echo: *echo,
+        },
+        BusTransport::Tcp { addr } => link::Transport::Tcp { addr: addr.clone() },
+    };
+    LinkSettings { transport, timeout: bus.timeout, turnaround: bus.turnaround }
+}
+
+/// The uplink settings of a config; reads the password file.
+///
+/// # Errors
+/// The password file cannot be read.
+pub fn uplink_settings(config: &Config) -> anyhow::Result<UplinkSettings> {
+    let u = &config.uplink;
+    let password = match &u.password_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read uplink.password_file {}", path.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    Ok(UplinkSettings {
+        url: u.url.clone(),
+        client_id: u.client_id.clone(),
+        gateway_id: config.gateway.id.clone(),
+        topic_prefix: u.topic_prefix.clone(),
+        keep_alive: u.keep_alive,
+        username: u.username.clone(),
+        password,
+        ca_file: u.ca_file.clone(),
+        cert_file: u.cert_file.clone(),
+        key_file: u.key_file.clone(),
+    })
+}
+
+fn log_event(e: &Event) {
+    let device = e.data.device.as_ref().map_or("-", |d| d.0.as_str());
+    let location = e.data.location.as_deref().unwrap_or("");
+    match e.kind {
+        EventKind::FireAlarm => warn!(event = %e.kind, device, location, "FIRE ALARM."),
+        EventKind::DeviceOffline | EventKind::DeviceFault | EventKind::SounderFault => {
+            warn!(event = %e.kind, device, location, reason = e.data.reason.as_deref().unwrap_or(""), "Device trouble.");
+        }
+        _ => info!(event = %e.kind, device, location, "Event."),
+    }
+}
+
+/// Appends every event the engine raised, in order, then wakes the uplink. Ends when the
+/// engine loop has dropped its sender and the queue is drained.
+fn store_writer(store: &Store, mut events: mpsc::UnboundedReceiver<Event>, wake: &Notify, tap: Option<&broadcast::Sender<Tap>>) {
+    while let Some(event) = events.blocking_recv() {
+        let kind = event.kind;
+        match store.append(&event) {
+            Ok(seq) => {
+                wake.notify_one();
+                if let Some(tap) = tap {
+                    let _ = tap.send(Tap::Stored { seq, kind });
+                }
+            }
+            // The event is lost to upstream; the local alarm has already been acted on.
+            Err(e) => error!(event = %kind, error = %e, "Event could not be stored."),
+        }
+    }
+}

@@ -1,1 +1,335 @@
-//! (being written)
+//! `village-gateway demo`: the main job on the built-in simulated village.
+//!
+//! It starts two simulated RS-485 buses (pseudo-terminals with detectors and a relay module
+//! each), an embedded MQTT broker (or uses `--broker`), the real gateway on them, and an
+//! upstream subscriber standing in for the fire command centre. Then it plays a scenario and
+//! prints, as it happens, what the gateway saw, which outputs it drove (as the simulated relay
+//! module received the coil writes), and which events the broker acknowledged.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::daemon::{self, Tap};
+use crate::event::{EventKind, UnitId};
+use crate::field::FieldReport;
+use crate::sim::{SimChange, SimEvent, SimProfile, SmokeState, Simulator};
+use crate::uplink::UplinkTap;
+
+const RELAY: UnitId = UnitId(100);
+
+/// Runs the demo; `broker` is an `mqtt://host:port` URL or `None` for the embedded broker.
+///
+/// # Errors
+/// A simulator, broker or the gateway could not start, or a step of the scenario did not
+/// happen within its time limit (the gateway misbehaved).
+pub async fn run(broker: Option<String>, per_bus: u8, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let say = move |who: &str, what: String| {
+        let t = t0.elapsed();
+        println!("{:>3}.{:03}  {who:<9} {what}", t.as_secs(), t.subsec_millis());
+    };
+
+    println!("village-gateway demo: a simulated village with two RS-485 buses (9600 baud, wire time emulated),");
+    println!("{per_bus} smoke detectors on each, a relay module per bus driving the sounders and the micro-station panel.\n");
+
+    let sims: Vec<Simulator> = (0..2)
+        .map(|_| {
+            let devices = (1..=per_bus).map(|u| (UnitId(u), SimProfile::Smoke)).chain([(RELAY, SimProfile::Relay)]);
+            Simulator::new(9600, devices)
+        })
+        .collect();
+    let mut guards = Vec::new();
+    let mut ports = Vec::new();
+    for sim in &sims {
+        let g = sim.serve_pty().context("cannot open a pseudo-terminal for the simulator")?;
+        ports.push(g.path().to_owned());
+        guards.push(g);
+    }
+    say("field", format!("bus a on {}, bus b on {}", ports[0], ports[1]));
+
+    let (url, _broker) = match broker {
+        Some(url) => (url, None),
+        None => {
+            let b = crate::broker::start(0).context("cannot start the embedded MQTT broker")?;
+            let url = format!("mqtt://127.0.0.1:{}", b.port());
+            (url, Some(b))
+        }
+    };
+    say("broker", format!("MQTT broker at {url}"));
+
+    let state = std::env::temp_dir().join(format!("village-gateway-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let config = Config::simulated_village(&ports, per_bus, &url, &state);
+
+    let (tap_tx, mut tap) = broadcast::channel::<Tap>(4096);
+    let gateway_stop = shutdown.child_token();
+    let gateway = tokio::spawn(daemon::run(config.clone(), gateway_stop.clone(), Some(tap_tx)));
+
+    // Print what the simulated relay modules receive: the outputs really driven on the wire.
+    for (b, sim) in sims.iter().enumerate() {
+        let mut rx = sim.subscribe();
+        let bus = if b == 0 { 'a' } else { 'b' };
+        tokio::spawn(async move {
+            while let Ok(SimEvent { unit, what, .. }) = rx.recv().await {
+                if let SimChange::CoilWritten { address, on } = what {
+                    if unit == RELAY {
+                        let name = coil_name(bus, address);
+                        say("outputs", format!("{name:<18} {} (coil {address} of relay unit {unit} on bus {bus})", if on { "ON " } else { "off" }));
+                    }
+                }
+            }
+        });
+    }
+
+    // The scenario waits on what the gateway reports.
+    let mut step = Scenario { tap: &mut tap, say: &say };
+    let (mut scanned, mut connected) = (std::collections::HashSet::new(), false);
+    step.until("the first scan of both buses and the broker connection", Duration::from_secs(20), |t| {
+        match t {
+            Tap::Field(FieldReport::Cycle { bus, .. }) => {
+                scanned.insert(bus.clone());
+            }
+            Tap::Uplink(UplinkTap::Connected) => connected = true,
+            _ => {}
+        }
+        connected && scanned.len() == 2
+    })
+    .await?;
+    say("gateway", format!("scanning {} detectors; all quiet", config.detectors.len()));
+    let upstream = Upstream::connect(&url).await?;
+
+    pause().await;
+    say("scenario", "Smoke fills room A-103: detector unit 3 on bus a goes into alarm.".to_owned());
+    let smoke_at = Instant::now();
+    sims[0].set_smoke(UnitId(3), SmokeState::Alarm);
+    let sounder_at = std::cell::Cell::new(None);
+    step.all("fire.alarm, the sounder and the broker's PUBACK", Duration::from_secs(10), &[
+        &|t| raised(t, EventKind::FireAlarm),
+        &|t| {
+            let on = written(t, "A-sounder", true);
+            if on {
+                if let Tap::Field(FieldReport::OutputWritten { at, .. }) = t {
+                    sounder_at.set(Some(*at));
+                }
+            }
+            on
+        },
+        &|t| acked(t, EventKind::FireAlarm),
+    ])
+    .await?;
+    if let Some(at) = sounder_at.get() {
+        say("gateway", format!("A-sounder confirmed ON by the relay module {} ms after the smoke", at.duration_since(smoke_at).as_millis()));
+    }
+
+    pause().await;
+    say("scenario", "The officer at the micro fire-station silences the sounders (MQTT command).".to_owned());
+    upstream.command("silence", "demo-silence-1").await?;
+    step.all("alarm.silenced and the sounder off", Duration::from_secs(10), &[
+        &|t| acked(t, EventKind::AlarmSilenced),
+        &|t| written(t, "A-sounder", false),
+    ])
+    .await?;
+    say("gateway", "sounders silenced; the panel's fire LED stays on until reset".to_owned());
+
+    pause().await;
+    say("scenario", "The smoke clears in A-103.".to_owned());
+    sims[0].set_smoke(UnitId(3), SmokeState::Normal);
+    step.all("fire.restored", Duration::from_secs(10), &[&|t| acked(t, EventKind::FireRestored)]).await?;
+    say("gateway", "detector back to normal; the alarm stays latched until reset".to_owned());
+
+    pause().await;
+    say("scenario", "Smoke in B-105 (bus b) while A is silenced: a new alarm re-sounds every sounder.".to_owned());
+    sims[1].set_smoke(UnitId(5), SmokeState::Alarm);
+    step.all("fire.alarm B-105 and both sounders", Duration::from_secs(10), &[
+        &|t| acked(t, EventKind::FireAlarm),
+        &|t| written(t, "B-sounder", true),
+        &|t| written(t, "A-sounder", true),
+    ])
+    .await?;
+    sims[1].set_smoke(UnitId(5), SmokeState::Normal);
+    step.all("fire.restored B-105", Duration::from_secs(10), &[&|t| acked(t, EventKind::FireRestored)]).await?;
+
+    pause().await;
+    say("scenario", "The officer resets the panel (MQTT command).".to_owned());
+    upstream.command("reset", "demo-reset-1").await?;
+    step.all("alarm.reset and the outputs off", Duration::from_secs(10), &[
+        &|t| acked(t, EventKind::AlarmReset),
+        &|t| written(t, "A-sounder", false),
+        &|t| written(t, "B-sounder", false),
+        &|t| written(t, "panel fire LED", false),
+    ])
+    .await?;
+    say("gateway", "alarms cleared, remote reset written to the detectors, sounders and fire LED off".to_owned());
+
+    pause().await;
+    say("scenario", "Detector A-107 goes dead (wire cut).".to_owned());
+    sims[0].set_offline(UnitId(7), true);
+    step.all("device.offline and the fault LED", Duration::from_secs(20), &[
+        &|t| acked(t, EventKind::DeviceOffline),
+        &|t| written(t, "panel fault LED", true),
+    ])
+    .await?;
+    say("gateway", "A-107 offline after 3 missed polls in a row; panel fault LED on".to_owned());
+
+    pause().await;
+    let received = upstream.received();
+    say("upstream", format!("the command centre received {} events, seq {}", received.len(), ranges(&received)));
+    gateway_stop.cancel();
+    match gateway.await {
+        Ok(r) => r?,
+        Err(e) => bail!("the gateway task failed: {e}"),
+    }
+    let _ = std::fs::remove_dir_all(&state);
+    drop(guards);
+    println!("\nDone. Run `village-gateway simulate` to drive a simulated bus by hand, or see README.md to run the gateway on your own config.");
+    Ok(())
+}
+
+struct Scenario<'a, S: Fn(&str, String)> {
+    tap: &'a mut broadcast::Receiver<Tap>,
+    say: &'a S,
+}
+
+impl<S: Fn(&str, String)> Scenario<'_, S> {
+    /// Prints what the gateway does until every one of `wanted` has matched a tap (in any
+    /// order), or fails after `limit`.
+    async fn all(&mut self, what: &str, limit: Duration, wanted: &[&dyn Fn(&Tap) -> bool]) -> anyhow::Result<()> {
+        let mut seen = vec![false; wanted.len()];
+        self.until(what, limit, |t| {
+            for (s, w) in seen.iter_mut().zip(wanted) {
+                *s |= w(t);
+            }
+            seen.iter().all(|s| *s)
+        })
+        .await
+    }
+
+    /// Prints what the gateway does until `done` matches a tap, or fails after `limit`.
+    async fn until(&mut self, what: &str, limit: Duration, mut done: impl FnMut(&Tap) -> bool) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let t = match tokio::time::timeout_at(deadline, self.tap.recv()).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+                Ok(Err(broadcast::error::RecvError::Closed)) => bail!("the gateway stopped while waiting for {what}"),
+                Err(_) => bail!("{what} did not happen within {} s", limit.as_secs()),
+            };
+            self.print(&t);
+            if done(&t) {
+                return Ok(());
+            }
+        }
+    }
+
+    fn print(&self, t: &Tap) {
+        match t {
+            Tap::Raised(e) => {
+                let device = e.data.device.as_ref().map(|d| format!(" {d}")).unwrap_or_default();
+                let loc = e.data.location.as_ref().map(|l| format!(" ({l})")).unwrap_or_default();
+                let reason = e.data.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
+                (self.say)("gateway", format!("raised {}{device}{loc}{reason}", e.kind));
+            }
+            Tap::Stored { seq, kind } => (self.say)("store", format!("seq {seq} {kind} stored")),
+            Tap::Uplink(UplinkTap::Acked { seq, kind }) => (self.say)("broker", format!("PUBACK seq {seq} {kind}")),
+            Tap::Uplink(UplinkTap::Connected) => (self.say)("uplink", "connected to the broker".to_owned()),
+            Tap::Uplink(UplinkTap::Disconnected { reason }) => (self.say)("uplink", format!("disconnected: {reason}")),
+            Tap::Field(FieldReport::OutputWritten { name, on, ok: false, .. }) => {
+                (self.say)("gateway", format!("write of {name} {} FAILED; retrying", if *on { "ON" } else { "off" }));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A moment for the viewer to read, between scenes (pacing only, not synchronisation).
+async fn pause() {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    println!();
+}
+
+fn raised(t: &Tap, kind: EventKind) -> bool {
+    matches!(t, Tap::Raised(e) if e.kind == kind)
+}
+
+fn acked(t: &Tap, kind: EventKind) -> bool {
+    matches!(t, Tap::Uplink(UplinkTap::Acked { kind: k, .. }) if *k == kind)
+}
+
+fn written(t: &Tap, output: &str, level: bool) -> bool {
+    matches!(t, Tap::Field(FieldReport::OutputWritten { name, on, ok: true, .. }) if name == output && *on == level)
+}
+
+fn coil_name(bus: char, coil: u16) -> String {
+    match (bus, coil) {
+        ('a', 0) => "A-sounder".to_owned(),
+        ('b', 0) => "B-sounder".to_owned(),
+        ('a', 5) => "panel fire LED".to_owned(),
+        ('a', 6) => "panel fault LED".to_owned(),
+        ('a', 7) => "panel buzzer".to_owned(),
+        _ => format!("coil {coil}"),
+    }
+}
+
+/// `1-7, 9` from sorted seqs.
+fn ranges(seqs: &[u64]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < seqs.len() {
+        let start = seqs[i];
+        while i + 1 < seqs.len() && seqs[i + 1] == seqs[i] + 1 {
+            i += 1;
+        }
+        out.push(if seqs[i] == start { start.to_string() } else { format!("{start}-{}", seqs[i]) });
+        i += 1;
+    }
+    out.join(", ")
+}
+
+/// The fire command centre, as an MQTT client.
+struct Upstream {
+    client: rumqttc::AsyncClient,
+    seqs: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
+}
+
+impl Upstream {
+    async fn connect(url: &str) -> anyhow::Result<Upstream> {
+        let addr = url.trim_start_matches("mqtt://");
+        let (host, port) = addr.rsplit_once(':').context("broker url has no port")?;
+        let mut opts = rumqttc::MqttOptions::new("demo-command-centre", host, port.parse().context("bad port")?);
+        opts.set_keep_alive(Duration::from_secs(10));
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 64);
+        client.subscribe("village/demo/event/#", rumqttc::QoS::AtLeastOnce).await?;
+        let seqs = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+        let s = seqs.clone();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) {
+                            if let (Some(seq), Ok(mut set)) = (v["seq"].as_u64(), s.lock()) {
+                                set.insert(seq);
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+        });
+        Ok(Upstream { client, seqs })
+    }
+
+    async fn command(&self, name: &str, id: &str) -> anyhow::Result<()> {
+        let payload = serde_json::json!({ "id": id }).to_string();
+        self.client.publish(format!("village/demo/cmd/{name}"), rumqttc::QoS::AtLeastOnce, false, payload).await?;
+        Ok(())
+    }
+
+    fn received(&self) -> Vec<u64> {
+        self.seqs.lock().map(|s| s.iter().copied().collect()).unwrap_or_default()
+    }
+}

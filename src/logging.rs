@@ -3,7 +3,7 @@
 //! systemd sets `JOURNAL_STREAM` for a service whose output goes to the journal; then events
 //! go to journald with their structured fields (`F_DEVICE=...`, see CRATES.md). Without it, or
 //! when journald cannot be reached, a compact line per event goes to stderr. `RUST_LOG`
-//! overrides the level (default `info`; `warn` for the demo, which prints its own story).
+//! overrides the level (default `info`; `error` for the demo, which prints its own story).
 
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. `quiet` lowers the default level to `warn`.
 pub fn init(quiet: bool) {
-    let default = if quiet { "warn,rumqttd=off" } else { "info,rumqttd=warn" };
+    let default = if quiet { "error,rumqttd=off" } else { "info,rumqttd=warn" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let registry = tracing_subscriber::registry().with(filter);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
