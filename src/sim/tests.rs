@@ -497,3 +497,38 @@ async fn a_vanished_port_is_an_io_error() {
     assert!(saw_io);
     assert!(link.stats().io_errors >= 1);
 }
+
+#[tokio::test]
+async fn serve_port_answers_on_a_serial_device_opened_by_path() {
+    // A pty slave stands in for /dev/ttyUSB0; the test plays the master on the other side.
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let path = nix::unistd::ttyname(&pty.slave)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    // Raw before any byte is written, so the line discipline neither echoes nor buffers lines.
+    let mut termios = nix::sys::termios::tcgetattr(&pty.slave).unwrap();
+    nix::sys::termios::cfmakeraw(&mut termios);
+    nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &termios).unwrap();
+    let sim = field(19_200);
+    sim.set_smoke(SMOKE, SmokeState::Test);
+    let server = sim.clone();
+    let serving = tokio::spawn(async move { server.serve_port(&path).await });
+    let mut master = File::from(pty.master);
+    let request = crate::field::frame::encode_rtu_request(SMOKE, &status_read()).unwrap();
+    let reply = tokio::task::spawn_blocking(move || {
+        master.write_all(&request).unwrap();
+        let mut reply = vec![0u8; 13];
+        master.read_exact(&mut reply).unwrap();
+        reply
+    });
+    let reply = tokio::time::timeout(Duration::from_secs(5), reply)
+        .await
+        .unwrap()
+        .unwrap();
+    match crate::field::frame::decode_rtu_response(&reply, SMOKE, &status_read()) {
+        Ok(Decoded::Complete(Ok(Response::Registers(r)), 13)) => assert_eq!(&r[..3], &[4, 0, 0]),
+        other => panic!("{other:?}"),
+    }
+    serving.abort();
+}
