@@ -15,6 +15,9 @@
 //! - Nothing panics on any input: the codec is [`crate::field::frame`], shared with the gateway.
 //! - Each served port runs on its own OS thread with a current-thread runtime, and stops when
 //!   its guard (or future) is dropped.
+//! - Fault injection for tests: a unit can go offline ([`Simulator::set_offline`]), answer late
+//!   ([`Simulator::set_reply_delay`]), send bad CRCs ([`Simulator::set_corrupt_replies`]); the
+//!   line can echo the gateway's bytes like some RS-485 adapters ([`Simulator::set_adapter_echo`]).
 //!
 //! Not here: the gateway side; realistic detector physics (the detector does not latch: its
 //! status follows [`Simulator::set_smoke`]; a remote reset is recorded and changes nothing);
