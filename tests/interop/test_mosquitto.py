@@ -8,8 +8,9 @@ takes `alarm N`, `fault N`, `normal N`, `offline N`). Checks, in order:
   4. mosquitto stopped; `alarm 2`, `fault 3`; mosquitto restarted on the same port ->
      fire.alarm A-102 and device.fault A-103 arrive, and seq has no gap over everything seen
   5. SIGTERM -> the gateway exits 0 and the retained status says "online": false
-  6. restarted, online again; SIGKILL -> after keep-alive expiry (keep_alive = "2s") mosquitto
-     publishes the will {"online": false}, and it is what a new subscriber gets (retained)
+  6. restarted, online again; SIGKILL -> mosquitto publishes the will {"online": false} (socket
+     closed), retained; once more with SIGSTOP -> the will after keep-alive expiry
+     (keep_alive = "2s": 1.5 x 2 s), retained
   7. seq still gap-free across the restart
 
 Run by hand: .venv/bin/python tests/interop/test_mosquitto.py
@@ -161,20 +162,33 @@ def test(procs) -> None:
             raise Failure(f"after SIGTERM the retained status is not online=false: {r}")
         log("PASS SIGTERM: exit 0, retained status online=false")
 
-        # 6. SIGKILL: the will
-        mark = obs.mark()
-        gateway = start_gateway()
-        obs.wait_status(True, 20, mark=mark, logs=logs)
-        time.sleep(1)
-        mark = obs.mark()
-        t0 = time.monotonic()
-        procs.stop("gateway", signal.SIGKILL)
-        m = obs.wait_status(False, 3 * KEEP_ALIVE_S + 10, mark=mark, logs=logs)
-        log(f"will arrived {m.t - t0:.1f} s after SIGKILL: {m.payload.decode()}")
-        r = retained(port, f"{base}/status")
-        if r is None or not isinstance(r.json, dict) or r.json.get("online") is not False:
-            raise Failure(f"after the will, the retained status is not online=false: {r}")
-        log('PASS SIGKILL: the will {"online":false} is published and retained')
+        # 6. the will. SIGKILL: the kernel closes the socket, mosquitto sends the will at once.
+        #    SIGSTOP: the socket stays open and silent; mosquitto sends the will only when the
+        #    keep-alive expires (1.5 x keep_alive), the case of a hung gateway or a dead link.
+        for how in (signal.SIGKILL, signal.SIGSTOP):
+            mark = obs.mark()
+            gateway = start_gateway()
+            obs.wait_status(True, 20, mark=mark, logs=logs)
+            time.sleep(1)
+            mark = obs.mark()
+            t0 = time.monotonic()
+            if how == signal.SIGKILL:
+                procs.stop("gateway", signal.SIGKILL)
+            else:
+                gateway.send_signal(signal.SIGSTOP)
+            m = obs.wait_status(False, 3 * KEEP_ALIVE_S + 10, mark=mark, logs=logs)
+            after = m.t - t0
+            log(f"will arrived {after:.1f} s after {how.name}: {m.payload.decode()}")
+            if m.json != {"online": False}:
+                raise Failure(f'the will is {m.payload!r}, expected {{"online":false}}')
+            if how == signal.SIGSTOP:
+                procs.stop("gateway", signal.SIGKILL)
+                if after < KEEP_ALIVE_S:
+                    raise Failure(f"offline status {after:.1f} s after SIGSTOP, before keep-alive ({KEEP_ALIVE_S} s) could expire: not the will?")
+            r = retained(port, f"{base}/status")
+            if r is None or not isinstance(r.json, dict) or r.json.get("online") is not False:
+                raise Failure(f"after the will ({how.name}), the retained status is not online=false: {r}")
+            log(f'PASS {how.name}: the will {{"online":false}} is published and retained')
 
         # 7. seq across the restart
         seqs = obs.check_seq()
