@@ -210,7 +210,11 @@ pub enum OutputSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InputSpec {
     /// A discrete input on a Modbus unit (FC02).
-    DiscreteInput { bus: usize, unit: UnitId, input: u16 },
+    DiscreteInput {
+        bus: usize,
+        unit: UnitId,
+        input: u16,
+    },
     /// A Raspberry Pi GPIO pin (BCM numbering).
     Gpio { pin: u8, active_low: bool },
 }
@@ -508,7 +512,11 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, Error> {
         let text = std::fs::read_to_string(path).map_err(|e| Error {
             file: path.to_owned(),
-            problems: vec![Problem { line: None, key: String::new(), message: format!("cannot read: {e}") }],
+            problems: vec![Problem {
+                line: None,
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            }],
         })?;
         Config::from_toml(&text, path)
     }
@@ -526,7 +534,9 @@ impl Config {
                 message: e.message().trim().to_owned(),
             }],
         })?;
-        let mut v = Validator { problems: Vec::new() };
+        let mut v = Validator {
+            problems: Vec::new(),
+        };
         let config = v.config(raw);
         if v.problems.is_empty() {
             if let Some(config) = config {
@@ -538,12 +548,18 @@ impl Config {
             .problems
             .into_iter()
             .map(|(key, message)| Problem {
-                line: doc.as_ref().and_then(|d| span_of(d, &key)).map(|at| line_of(text, at)),
+                line: doc
+                    .as_ref()
+                    .and_then(|d| span_of(d, &key))
+                    .map(|at| line_of(text, at)),
                 key,
                 message,
             })
             .collect();
-        Err(Error { file: file.to_owned(), problems })
+        Err(Error {
+            file: file.to_owned(),
+            problems,
+        })
     }
 
     /// The built-in simulated village of `village-gateway demo`: `buses` pseudo-terminal
@@ -586,10 +602,20 @@ impl Config {
             sounders.push(Sounder {
                 id: DeviceId(format!("{zone}-sounder")),
                 zones: Zones::Some(vec![zone.clone()]),
-                output: OutputSpec::Coil { bus: b, unit: UnitId(100), coil: 0 },
+                output: OutputSpec::Coil {
+                    bus: b,
+                    unit: UnitId(100),
+                    coil: 0,
+                },
             });
         }
-        let panel_coil = |coil| Some(OutputSpec::Coil { bus: 0, unit: UnitId(100), coil });
+        let panel_coil = |coil| {
+            Some(OutputSpec::Coil {
+                bus: 0,
+                unit: UnitId(100),
+                coil,
+            })
+        };
         Config {
             gateway: Gateway {
                 id: "demo".to_owned(),
@@ -607,7 +633,9 @@ impl Config {
                 cert_file: None,
                 key_file: None,
             },
-            store: Store { max_bytes: 256 << 20 },
+            store: Store {
+                max_bytes: 256 << 20,
+            },
             buses,
             detectors,
             sounders,
@@ -616,8 +644,16 @@ impl Config {
                 fire_led: panel_coil(5),
                 fault_led: panel_coil(6),
                 buzzer: panel_coil(7),
-                silence_key: Some(InputSpec::DiscreteInput { bus: 0, unit: UnitId(100), input: 0 }),
-                reset_key: Some(InputSpec::DiscreteInput { bus: 0, unit: UnitId(100), input: 1 }),
+                silence_key: Some(InputSpec::DiscreteInput {
+                    bus: 0,
+                    unit: UnitId(100),
+                    input: 0,
+                }),
+                reset_key: Some(InputSpec::DiscreteInput {
+                    bus: 0,
+                    unit: UnitId(100),
+                    input: 1,
+                }),
             },
         }
     }
@@ -671,13 +707,15 @@ impl Validator {
     fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
         match value {
             None => default,
-            Some(s) => match humantime::parse_duration(s) {
-                Ok(d) => d,
-                Err(e) => {
-                    self.problem(key, format!("{s:?} is not a duration with a unit such as \"250ms\" or \"30s\": {e}"));
-                    default
+            Some(s) => {
+                match humantime::parse_duration(s) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.problem(key, format!("{s:?} is not a duration with a unit such as \"250ms\" or \"30s\": {e}"));
+                        default
+                    }
                 }
-            },
+            }
         }
     }
 
@@ -704,7 +742,10 @@ impl Validator {
         if id.is_empty() {
             self.problem(key, "an id may not be empty");
         } else if !seen.insert(id.to_owned()) {
-            self.problem(key, format!("id {id:?} is used twice; ids are unique across the site"));
+            self.problem(
+                key,
+                format!("id {id:?} is used twice; ids are unique across the site"),
+            );
         }
         DeviceId(id.to_owned())
     }
@@ -717,11 +758,17 @@ impl Validator {
             Some(s) => match s.parse::<bytesize::ByteSize>() {
                 Ok(b) if b.as_u64() >= 1 << 20 => b.as_u64(),
                 Ok(_) => {
-                    self.problem("store.max_bytes", format!("{s:?} is below the 1MiB minimum"));
+                    self.problem(
+                        "store.max_bytes",
+                        format!("{s:?} is below the 1MiB minimum"),
+                    );
                     0
                 }
                 Err(e) => {
-                    self.problem("store.max_bytes", format!("{s:?} is not a size such as \"256MiB\": {e}"));
+                    self.problem(
+                        "store.max_bytes",
+                        format!("{s:?} is not a size such as \"256MiB\": {e}"),
+                    );
                     0
                 }
             },
@@ -732,7 +779,10 @@ impl Validator {
         for (i, b) in raw.bus.into_iter().enumerate() {
             let key = format!("bus[{i}]");
             if bus_index.insert(b.name.clone(), i).is_some() {
-                self.problem(format!("{key}.name"), format!("bus name {:?} is used twice", b.name));
+                self.problem(
+                    format!("{key}.name"),
+                    format!("bus name {:?} is used twice", b.name),
+                );
             }
             buses.push(self.bus(&key, b));
         }
@@ -742,7 +792,10 @@ impl Validator {
         let mut claim = |v: &mut Self, key: &str, bus: usize, unit: UnitId, id: &str| {
             if let Some(other) = addresses.insert((bus, unit.0), id.to_owned()) {
                 if other != id {
-                    v.problem(key, format!("unit {unit} on this bus is already device {other:?}"));
+                    v.problem(
+                        key,
+                        format!("unit {unit} on this bus is already device {other:?}"),
+                    );
                 }
             }
         };
@@ -759,14 +812,24 @@ impl Validator {
             } else {
                 self.problem(
                     format!("{key}.profile"),
-                    format!("unknown smoke detector profile {:?}; built in: \"generic-smoke\"", d.profile),
+                    format!(
+                        "unknown smoke detector profile {:?}; built in: \"generic-smoke\"",
+                        d.profile
+                    ),
                 );
                 SmokeProfile::generic_smoke()
             };
             if d.zone.is_empty() {
                 self.problem(format!("{key}.zone"), "a detector needs a zone");
             }
-            detectors.push(Detector { id, bus, unit, profile, zone: d.zone, location: d.location });
+            detectors.push(Detector {
+                id,
+                bus,
+                unit,
+                profile,
+                zone: d.zone,
+                location: d.location,
+            });
         }
         let zones: HashSet<String> = detectors.iter().map(|d| d.zone.clone()).collect();
 
@@ -779,19 +842,35 @@ impl Validator {
             } else {
                 for (j, z) in s.zones.iter().enumerate() {
                     if !zones.contains(z) {
-                        self.problem(format!("{key}.zones[{j}]"), format!("no detector is in zone {z:?}"));
+                        self.problem(
+                            format!("{key}.zones[{j}]"),
+                            format!("no detector is in zone {z:?}"),
+                        );
                     }
                 }
                 if s.zones.is_empty() {
-                    self.problem(format!("{key}.zones"), "a sounder serves at least one zone (or \"*\")");
+                    self.problem(
+                        format!("{key}.zones"),
+                        "a sounder serves at least one zone (or \"*\")",
+                    );
                 }
                 Zones::Some(s.zones)
             };
             let output = self.output(&format!("{key}.output"), s.output, &bus_index);
             if let OutputSpec::Coil { bus, unit, .. } = output {
-                claim(self, &format!("{key}.output.unit"), bus, unit, "output module");
+                claim(
+                    self,
+                    &format!("{key}.output.unit"),
+                    bus,
+                    unit,
+                    "output module",
+                );
             }
-            sounders.push(Sounder { id, zones: zones_spec, output });
+            sounders.push(Sounder {
+                id,
+                zones: zones_spec,
+                output,
+            });
         }
 
         let mut doors = Vec::new();
@@ -802,7 +881,13 @@ impl Validator {
             let unit = self.unit(&format!("{key}.unit"), d.unit);
             claim(self, &format!("{key}.unit"), bus, unit, &d.id);
             if d.profile != "generic-door" {
-                self.problem(format!("{key}.profile"), format!("unknown door profile {:?}; built in: \"generic-door\"", d.profile));
+                self.problem(
+                    format!("{key}.profile"),
+                    format!(
+                        "unknown door profile {:?}; built in: \"generic-door\"",
+                        d.profile
+                    ),
+                );
             }
             doors.push(Door {
                 id,
@@ -832,43 +917,87 @@ impl Validator {
             fire_led,
             fault_led,
             buzzer,
-            silence_key: p.silence_key.map(|i| self.input("panel.silence_key", i, &bus_index)),
-            reset_key: p.reset_key.map(|i| self.input("panel.reset_key", i, &bus_index)),
+            silence_key: p
+                .silence_key
+                .map(|i| self.input("panel.silence_key", i, &bus_index)),
+            reset_key: p
+                .reset_key
+                .map(|i| self.input("panel.reset_key", i, &bus_index)),
         };
         self.gpio_conflicts(&sounders, &panel);
 
         let store = Store { max_bytes };
-        Some(Config { gateway, uplink, store, buses, detectors, sounders, doors, panel })
+        Some(Config {
+            gateway,
+            uplink,
+            store,
+            buses,
+            detectors,
+            sounders,
+            doors,
+            panel,
+        })
     }
 
     fn gateway(&mut self, g: RawGateway) -> Gateway {
         let valid = !g.id.is_empty()
             && g.id.len() <= 32
-            && g.id.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
+            && g.id
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
         if !valid {
-            self.problem("gateway.id", format!("{:?} must match [a-z0-9-]{{1,32}}", g.id));
+            self.problem(
+                "gateway.id",
+                format!("{:?} must match [a-z0-9-]{{1,32}}", g.id),
+            );
         }
-        Gateway { id: g.id, name: g.name, state_dir: g.state_dir }
+        Gateway {
+            id: g.id,
+            name: g.name,
+            state_dir: g.state_dir,
+        }
     }
 
     fn uplink(&mut self, u: RawUplink, gateway_id: &str) -> Uplink {
         let scheme_ok = u.url.starts_with("mqtt://") || u.url.starts_with("mqtts://");
         let host = u.url.split("://").nth(1).unwrap_or("");
         if !scheme_ok || host.is_empty() {
-            self.problem("uplink.url", format!("{:?} is not mqtt://host[:port] or mqtts://host[:port]", u.url));
+            self.problem(
+                "uplink.url",
+                format!(
+                    "{:?} is not mqtt://host[:port] or mqtts://host[:port]",
+                    u.url
+                ),
+            );
         }
-        let keep_alive = self.duration("uplink.keep_alive", u.keep_alive.as_deref(), Duration::from_secs(30));
+        let keep_alive = self.duration(
+            "uplink.keep_alive",
+            u.keep_alive.as_deref(),
+            Duration::from_secs(30),
+        );
         if keep_alive < Duration::from_secs(1) {
             self.problem("uplink.keep_alive", "must be at least 1s");
         }
         if u.topic_prefix.is_empty() || u.topic_prefix.contains(['#', '+', '/']) {
-            self.problem("uplink.topic_prefix", format!("{:?} must be one non-empty topic level without + # /", u.topic_prefix));
+            self.problem(
+                "uplink.topic_prefix",
+                format!(
+                    "{:?} must be one non-empty topic level without + # /",
+                    u.topic_prefix
+                ),
+            );
         }
         if u.cert_file.is_some() != u.key_file.is_some() {
-            self.problem("uplink.cert_file", "cert_file and key_file go together (mutual TLS)");
+            self.problem(
+                "uplink.cert_file",
+                "cert_file and key_file go together (mutual TLS)",
+            );
         }
         if (u.ca_file.is_some() || u.cert_file.is_some()) && !u.url.starts_with("mqtts://") {
-            self.problem("uplink.url", "TLS files are set but the url is not mqtts://");
+            self.problem(
+                "uplink.url",
+                "TLS files are set but the url is not mqtts://",
+            );
         }
         let client_id = u.client_id.unwrap_or_else(|| format!("vgw-{gateway_id}"));
         if client_id.is_empty() || client_id.len() > 128 {
@@ -894,27 +1023,48 @@ impl Validator {
                     self.problem(format!("{key}.rtu.port"), "a serial port path is needed");
                 }
                 if !(1200..=921_600).contains(&r.baud) {
-                    self.problem(format!("{key}.rtu.baud"), format!("{} baud is outside 1200..=921600", r.baud));
+                    self.problem(
+                        format!("{key}.rtu.baud"),
+                        format!("{} baud is outside 1200..=921600", r.baud),
+                    );
                 }
                 if !(1..=2).contains(&r.stop_bits) {
                     self.problem(format!("{key}.rtu.stop_bits"), "must be 1 or 2");
                 }
-                BusTransport::Rtu { port: r.port, baud: r.baud, parity: r.parity, stop_bits: r.stop_bits, echo: r.echo }
+                BusTransport::Rtu {
+                    port: r.port,
+                    baud: r.baud,
+                    parity: r.parity,
+                    stop_bits: r.stop_bits,
+                    echo: r.echo,
+                }
             }
             (None, Some(addr)) => {
-                let ok = addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                let ok = addr
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
                 if !ok {
                     self.problem(format!("{key}.tcp"), format!("{addr:?} is not host:port"));
                 }
                 BusTransport::Tcp { addr }
             }
             (Some(_), Some(_)) => {
-                self.problem(format!("{key}.tcp"), "a bus has either rtu or tcp, not both");
-                BusTransport::Tcp { addr: String::new() }
+                self.problem(
+                    format!("{key}.tcp"),
+                    "a bus has either rtu or tcp, not both",
+                );
+                BusTransport::Tcp {
+                    addr: String::new(),
+                }
             }
             (None, None) => {
-                self.problem(format!("{key}.name"), "a bus needs rtu = { port = ... } or tcp = \"host:port\"");
-                BusTransport::Tcp { addr: String::new() }
+                self.problem(
+                    format!("{key}.name"),
+                    "a bus needs rtu = { port = ... } or tcp = \"host:port\"",
+                );
+                BusTransport::Tcp {
+                    addr: String::new(),
+                }
             }
         };
         let default = match transport {
@@ -922,16 +1072,33 @@ impl Validator {
             BusTransport::Tcp { .. } => Duration::from_millis(500),
         };
         let timeout = self.duration(&format!("{key}.timeout"), b.timeout.as_deref(), default);
-        if b.timeout.is_some() && (timeout < Duration::from_millis(10) || timeout > Duration::from_secs(5)) {
+        if b.timeout.is_some()
+            && (timeout < Duration::from_millis(10) || timeout > Duration::from_secs(5))
+        {
             self.problem(format!("{key}.timeout"), "must be between 10ms and 5s");
         }
-        let turnaround = self.duration(&format!("{key}.turnaround"), b.turnaround.as_deref(), Duration::ZERO);
-        let scan_interval = self.duration(&format!("{key}.scan_interval"), b.scan_interval.as_deref(), Duration::ZERO);
+        let turnaround = self.duration(
+            &format!("{key}.turnaround"),
+            b.turnaround.as_deref(),
+            Duration::ZERO,
+        );
+        let scan_interval = self.duration(
+            &format!("{key}.scan_interval"),
+            b.scan_interval.as_deref(),
+            Duration::ZERO,
+        );
         let offline_after = b.offline_after.unwrap_or(3);
         if offline_after == 0 {
             self.problem(format!("{key}.offline_after"), "must be at least 1");
         }
-        Bus { name: b.name, transport, timeout, turnaround, scan_interval, offline_after }
+        Bus {
+            name: b.name,
+            transport,
+            timeout,
+            turnaround,
+            scan_interval,
+            offline_after,
+        }
     }
 
     fn gpio(&mut self, key: &str, pin: i64) -> u8 {
@@ -953,30 +1120,48 @@ impl Validator {
 
     fn output(&mut self, key: &str, o: RawOutput, buses: &HashMap<String, usize>) -> OutputSpec {
         match (o.gpio, o.bus, o.unit, o.coil) {
-            (Some(pin), None, None, None) => OutputSpec::Gpio { pin: self.gpio(&format!("{key}.gpio"), pin), active_low: o.active_low },
+            (Some(pin), None, None, None) => OutputSpec::Gpio {
+                pin: self.gpio(&format!("{key}.gpio"), pin),
+                active_low: o.active_low,
+            },
             (None, Some(bus), Some(unit), Some(coil)) => OutputSpec::Coil {
                 bus: self.bus_ref(&format!("{key}.bus"), &bus, buses),
                 unit: self.unit(&format!("{key}.unit"), unit),
                 coil: self.register(&format!("{key}.coil"), coil),
             },
             _ => {
-                self.problem(key, "an output is { bus, unit, coil } or { gpio, active_low }");
-                OutputSpec::Gpio { pin: 0, active_low: false }
+                self.problem(
+                    key,
+                    "an output is { bus, unit, coil } or { gpio, active_low }",
+                );
+                OutputSpec::Gpio {
+                    pin: 0,
+                    active_low: false,
+                }
             }
         }
     }
 
     fn input(&mut self, key: &str, i: RawInput, buses: &HashMap<String, usize>) -> InputSpec {
         match (i.gpio, i.bus, i.unit, i.discrete_input) {
-            (Some(pin), None, None, None) => InputSpec::Gpio { pin: self.gpio(&format!("{key}.gpio"), pin), active_low: i.active_low },
+            (Some(pin), None, None, None) => InputSpec::Gpio {
+                pin: self.gpio(&format!("{key}.gpio"), pin),
+                active_low: i.active_low,
+            },
             (None, Some(bus), Some(unit), Some(input)) => InputSpec::DiscreteInput {
                 bus: self.bus_ref(&format!("{key}.bus"), &bus, buses),
                 unit: self.unit(&format!("{key}.unit"), unit),
                 input: self.register(&format!("{key}.discrete_input"), input),
             },
             _ => {
-                self.problem(key, "an input is { bus, unit, discrete_input } or { gpio, active_low }");
-                InputSpec::Gpio { pin: 0, active_low: false }
+                self.problem(
+                    key,
+                    "an input is { bus, unit, discrete_input } or { gpio, active_low }",
+                );
+                InputSpec::Gpio {
+                    pin: 0,
+                    active_low: false,
+                }
             }
         }
     }
@@ -998,7 +1183,10 @@ impl Validator {
                 _ => None,
             })
             .collect();
-        for (k, i) in [("panel.silence_key", &panel.silence_key), ("panel.reset_key", &panel.reset_key)] {
+        for (k, i) in [
+            ("panel.silence_key", &panel.silence_key),
+            ("panel.reset_key", &panel.reset_key),
+        ] {
             if let Some(InputSpec::Gpio { pin, .. }) = i {
                 pins.push((k.to_owned(), *pin));
             }
@@ -1013,7 +1201,12 @@ impl Validator {
 
 /// 1-based line of byte offset `at` in `text`.
 fn line_of(text: &str, at: usize) -> usize {
-    text.as_bytes().iter().take(at).filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()
+        .iter()
+        .take(at)
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// The byte offset of the deepest part of the TOML `path` (`detector[2].unit`) found in `doc`.
@@ -1025,7 +1218,9 @@ fn span_of(doc: &toml_edit::ImDocument<&str>, path: &str) -> Option<usize> {
             Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
             None => (part, None),
         };
-        let Some((key, item)) = table.get_key_value(name) else { break };
+        let Some((key, item)) = table.get_key_value(name) else {
+            break;
+        };
         best = key.span().map(|s| s.start).or(best);
         let next: Option<&dyn toml_edit::TableLike> = match index {
             None => item.as_table_like(),
@@ -1096,8 +1291,21 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
         assert_eq!(c.buses[0].offline_after, 3);
         assert_eq!(c.buses[0].timeout, default_timeout(9600));
         assert_eq!(c.detectors[0].unit, UnitId(1));
-        assert_eq!(c.sounders[0].output, OutputSpec::Coil { bus: 0, unit: UnitId(100), coil: 0 });
-        assert_eq!(c.panel.fire_led, Some(OutputSpec::Gpio { pin: 5, active_low: false }));
+        assert_eq!(
+            c.sounders[0].output,
+            OutputSpec::Coil {
+                bus: 0,
+                unit: UnitId(100),
+                coil: 0
+            }
+        );
+        assert_eq!(
+            c.panel.fire_led,
+            Some(OutputSpec::Gpio {
+                pin: 5,
+                active_low: false
+            })
+        );
     }
 
     #[test]
@@ -1107,7 +1315,11 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
         assert_eq!(e.problems.len(), 1, "{e}");
         assert_eq!(e.problems[0].key, "detector[0].unit");
         assert_eq!(e.problems[0].line, Some(17));
-        assert!(e.to_string().starts_with("gw.toml:17: detector[0].unit: unit id 300"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("gw.toml:17: detector[0].unit: unit id 300"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1120,16 +1332,25 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
 
     #[test]
     fn every_problem_is_reported_not_just_the_first() {
-        let text = GOOD.replace("bus = \"a\"\nunit = 1", "bus = \"b\"\nunit = 0").replace("baud = 9600", "baud = 5");
+        let text = GOOD
+            .replace("bus = \"a\"\nunit = 1", "bus = \"b\"\nunit = 0")
+            .replace("baud = 9600", "baud = 5");
         let e = check(&text).unwrap_err();
         let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["bus[0].rtu.baud", "detector[0].bus", "detector[0].unit"], "{e}");
+        assert_eq!(
+            keys,
+            ["bus[0].rtu.baud", "detector[0].bus", "detector[0].unit"],
+            "{e}"
+        );
         assert_eq!(e.problems[0].line, Some(12));
     }
 
     #[test]
     fn inline_table_keys_point_at_their_own_line() {
-        let text = GOOD.replace("output = { bus = \"a\", unit = 100, coil = 0 }", "output = { bus = \"z\", unit = 100, coil = 0 }");
+        let text = GOOD.replace(
+            "output = { bus = \"a\", unit = 100, coil = 0 }",
+            "output = { bus = \"z\", unit = 100, coil = 0 }",
+        );
         let e = check(&text).unwrap_err();
         assert_eq!(e.problems[0].key, "sounder[0].output.bus");
         assert_eq!(e.problems[0].line, Some(24), "{e}");
@@ -1145,14 +1366,23 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
 
     #[test]
     fn two_devices_on_one_address_are_refused() {
-        let text = format!("{GOOD}\n[[detector]]\nid = \"A-102\"\nbus = \"a\"\nunit = 1\nzone = \"A\"\n");
+        let text =
+            format!("{GOOD}\n[[detector]]\nid = \"A-102\"\nbus = \"a\"\nunit = 1\nzone = \"A\"\n");
         let e = check(&text).unwrap_err();
-        assert!(e.problems[0].message.contains("already device \"A-101\""), "{e}");
+        assert!(
+            e.problems[0].message.contains("already device \"A-101\""),
+            "{e}"
+        );
     }
 
     #[test]
     fn duplicate_ids_and_gpio_pins_are_refused() {
-        let text = GOOD.replace("id = \"A-sounder\"", "id = \"A-101\"").replace("buzzer = { bus = \"a\", unit = 100, coil = 7 }", "buzzer = { gpio = 5 }");
+        let text = GOOD
+            .replace("id = \"A-sounder\"", "id = \"A-101\"")
+            .replace(
+                "buzzer = { bus = \"a\", unit = 100, coil = 7 }",
+                "buzzer = { gpio = 5 }",
+            );
         let e = check(&text).unwrap_err();
         let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["sounder[0].id", "panel.buzzer"], "{e}");

@@ -33,7 +33,11 @@ use crate::uplink::{self, CommandRequest, UplinkSettings, UplinkTap};
 #[derive(Debug, Clone)]
 pub enum Tap {
     /// The engine changed an output's wanted level (before any write).
-    OutputWanted { output: String, on: bool, at: Instant },
+    OutputWanted {
+        output: String,
+        on: bool,
+        at: Instant,
+    },
     /// A field report (readings, misses, writes, cycles).
     Field(FieldReport),
     /// The engine raised an event (before it is stored).
@@ -49,22 +53,46 @@ pub enum Tap {
 /// # Errors
 /// Start-up failures only (the state directory cannot be opened, a thread cannot start).
 /// Field and network trouble is logged, reported and retried, never returned.
-pub async fn run(config: Config, shutdown: CancellationToken, tap: Option<broadcast::Sender<Tap>>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    tap: Option<broadcast::Sender<Tap>>,
+) -> anyhow::Result<()> {
     let started = SystemTime::now();
-    std::fs::create_dir_all(&config.gateway.state_dir)
-        .with_context(|| format!("cannot create state_dir {}", config.gateway.state_dir.display()))?;
-    let store = Store::open(&config.gateway.state_dir.join("outbox"))
-        .with_context(|| format!("cannot open the outbox in {}", config.gateway.state_dir.display()))?;
+    std::fs::create_dir_all(&config.gateway.state_dir).with_context(|| {
+        format!(
+            "cannot create state_dir {}",
+            config.gateway.state_dir.display()
+        )
+    })?;
+    let store = Store::open(&config.gateway.state_dir.join("outbox")).with_context(|| {
+        format!(
+            "cannot open the outbox in {}",
+            config.gateway.state_dir.display()
+        )
+    })?;
 
     let mut engine = build_engine(&config);
-    let mut start_events = vec![Event::new(
-        EventKind::GatewayStarted,
-        started,
-        EventData {
-            reason: Some(format!("village-gateway {} started", env!("CARGO_PKG_VERSION"))),
-            ..EventData::default()
-        },
-    )];
+    let mut started_data = EventData {
+        reason: Some(format!(
+            "village-gateway {} started",
+            env!("CARGO_PKG_VERSION")
+        )),
+        ..EventData::default()
+    };
+    if let Some(r) = store.recovery() {
+        // Events not yet forwarded before the damage are in the moved-aside directory.
+        error!(moved_to = %r.moved_to.display(), reason = %r.reason, "The outbox could not be opened; it was moved aside and a fresh one started.");
+        started_data.extra.insert(
+            "outbox_recovered".into(),
+            serde_json::json!({
+                "moved_to": r.moved_to.display().to_string(),
+                "reason": r.reason,
+                "first_seq": r.first_seq.0,
+            }),
+        );
+    }
+    let mut start_events = vec![Event::new(EventKind::GatewayStarted, started, started_data)];
 
     // One wanted level per output; the bus's poller or a GPIO driver follows it.
     let tracker = TaskTracker::new();
@@ -88,28 +116,59 @@ pub async fn run(config: Config, shutdown: CancellationToken, tap: Option<broadc
         });
     }
     for (i, d) in config.detectors.iter().enumerate() {
-        plans[d.bus].detectors.push(PolledDetector { index: i, unit: d.unit, profile: d.profile.clone() });
+        plans[d.bus].detectors.push(PolledDetector {
+            index: i,
+            unit: d.unit,
+            profile: d.profile.clone(),
+        });
     }
     for (output, name, spec) in output_specs(&config) {
         let (tx, rx) = watch::channel(false);
         match spec {
             OutputSpec::Coil { bus, unit, coil } => {
-                plans[*bus].coils.push(CoilOutput { name: name.clone(), unit: *unit, coil: *coil, wanted: rx });
-                levels.insert(output, Level { name, tx, wake: Some(wakes[*bus].clone()) });
+                plans[*bus].coils.push(CoilOutput {
+                    name: name.clone(),
+                    unit: *unit,
+                    coil: *coil,
+                    wanted: rx,
+                });
+                levels.insert(
+                    output,
+                    Level {
+                        name,
+                        tx,
+                        wake: Some(wakes[*bus].clone()),
+                    },
+                );
             }
             OutputSpec::Gpio { pin, active_low } => {
                 match GpioOutput::open(*pin, *active_low) {
                     Ok(driver) => {
-                        tracker.spawn(outputs::follow(name.clone(), Box::new(driver), rx, shutdown.clone()));
+                        tracker.spawn(outputs::follow(
+                            name.clone(),
+                            Box::new(driver),
+                            rx,
+                            shutdown.clone(),
+                        ));
                     }
                     Err(e) => {
                         error!(output = %name, error = %e, "Output cannot be driven: it will not sound.");
-                        let mut data = EventData { device: Some(name.as_str().into()), ..EventData::default() };
+                        let mut data = EventData {
+                            device: Some(name.as_str().into()),
+                            ..EventData::default()
+                        };
                         data.reason = Some(e.to_string());
                         start_events.push(Event::new(EventKind::SounderFault, started, data));
                     }
                 }
-                levels.insert(output, Level { name, tx, wake: None });
+                levels.insert(
+                    output,
+                    Level {
+                        name,
+                        tx,
+                        wake: None,
+                    },
+                );
             }
         }
     }
@@ -138,7 +197,11 @@ pub async fn run(config: Config, shutdown: CancellationToken, tap: Option<broadc
             .context("cannot start the store writer thread")?
     };
 
-    let (status_tx, status_rx) = watch::channel(Status { online: true, version: env!("CARGO_PKG_VERSION").to_owned(), ..Status::default() });
+    let (status_tx, status_rx) = watch::channel(Status {
+        online: true,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        ..Status::default()
+    });
     let (cmd_tx, mut commands) = mpsc::channel::<CommandRequest>(64);
     let (uplink_tap_tx, mut uplink_tap) = broadcast::channel::<UplinkTap>(1024);
     tracker.spawn(uplink::run(
@@ -183,10 +246,21 @@ pub async fn run(config: Config, shutdown: CancellationToken, tap: Option<broadc
     };
 
     let first = engine.start();
-    actuator.apply(Step { actions: first.actions, events: start_events }, &engine);
+    actuator.apply(
+        Step {
+            actions: first.actions,
+            events: start_events,
+        },
+        &engine,
+    );
 
     let detector_bus: Vec<usize> = config.detectors.iter().map(|d| d.bus).collect();
-    let bus_index: HashMap<&str, usize> = config.buses.iter().enumerate().map(|(i, b)| (b.name.as_str(), i)).collect();
+    let bus_index: HashMap<&str, usize> = config
+        .buses
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.name.as_str(), i))
+        .collect();
     let mut last_progress: Vec<Instant> = vec![Instant::now(); config.buses.len()];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -256,7 +330,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, tap: Option<broadc
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-    if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
         warn!("Some tasks did not stop within 5 s.");
     }
     if let Err(e) = store.flush() {
@@ -288,7 +365,11 @@ impl Actuator {
                         if let Some(w) = &level.wake {
                             w.notify_one();
                         }
-                        self.tap(|| Tap::OutputWanted { output: level.name.clone(), on, at: Instant::now() });
+                        self.tap(|| Tap::OutputWanted {
+                            output: level.name.clone(),
+                            on,
+                            at: Instant::now(),
+                        });
                     }
                 }
                 Action::RemoteReset { detector } => {
@@ -311,7 +392,8 @@ impl Actuator {
             let active = engine.latched();
             let faults = engine.faults();
             let silenced = engine.silenced();
-            let changed = s.active_fire_alarms != active || s.faults != faults || s.silenced != silenced;
+            let changed =
+                s.active_fire_alarms != active || s.faults != faults || s.silenced != silenced;
             s.active_fire_alarms = active;
             s.faults = faults;
             s.silenced = silenced;
@@ -345,7 +427,14 @@ fn build_engine(config: &Config) -> FireEngine {
             remote_reset: d.profile.remote_reset_register.is_some(),
         })
         .collect();
-    let sounders = config.sounders.iter().map(|s| SounderSpec { id: s.id.clone(), zones: s.zones.clone() }).collect();
+    let sounders = config
+        .sounders
+        .iter()
+        .map(|s| SounderSpec {
+            id: s.id.clone(),
+            zones: s.zones.clone(),
+        })
+        .collect();
     let panel = PanelSpec {
         fire_led: config.panel.fire_led.is_some(),
         fault_led: config.panel.fault_led.is_some(),
@@ -363,8 +452,16 @@ fn output_specs(config: &Config) -> Vec<(OutputId, String, &OutputSpec)> {
         .map(|(i, s)| (OutputId::Sounder(i), s.id.0.clone(), &s.output))
         .collect();
     let panel = [
-        (OutputId::PanelFireLed, "panel fire LED", &config.panel.fire_led),
-        (OutputId::PanelFaultLed, "panel fault LED", &config.panel.fault_led),
+        (
+            OutputId::PanelFireLed,
+            "panel fire LED",
+            &config.panel.fire_led,
+        ),
+        (
+            OutputId::PanelFaultLed,
+            "panel fault LED",
+            &config.panel.fault_led,
+        ),
         (OutputId::PanelBuzzer, "panel buzzer", &config.panel.buzzer),
     ];
     for (id, name, spec) in panel {
@@ -378,7 +475,13 @@ fn output_specs(config: &Config) -> Vec<(OutputId, String, &OutputSpec)> {
 /// The link settings of a configured bus.
 pub fn link_settings(bus: &crate::config::Bus) -> LinkSettings {
     let transport = match &bus.transport {
-        BusTransport::Rtu { port, baud, parity, stop_bits, echo } => link::Transport::Rtu {
+        BusTransport::Rtu {
+            port,
+            baud,
+            parity,
+            stop_bits,
+            echo,
+        } => link::Transport::Rtu {
             port: port.clone(),
             baud: *baud,
             parity: match parity {
@@ -391,7 +494,11 @@ pub fn link_settings(bus: &crate::config::Bus) -> LinkSettings {
         },
         BusTransport::Tcp { addr } => link::Transport::Tcp { addr: addr.clone() },
     };
-    LinkSettings { transport, timeout: bus.timeout, turnaround: bus.turnaround }
+    LinkSettings {
+        transport,
+        timeout: bus.timeout,
+        turnaround: bus.turnaround,
+    }
 }
 
 /// The uplink settings of a config; reads the password file.
@@ -439,7 +546,12 @@ fn log_event(e: &Event) {
 
 /// Appends every event the engine raised, in order, then wakes the uplink. Ends when the
 /// engine loop has dropped its sender and the queue is drained.
-fn store_writer(store: &Store, mut events: mpsc::UnboundedReceiver<Event>, wake: &Notify, tap: Option<&broadcast::Sender<Tap>>) {
+fn store_writer(
+    store: &Store,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    wake: &Notify,
+    tap: Option<&broadcast::Sender<Tap>>,
+) {
     while let Some(event) = events.blocking_recv() {
         let kind = event.kind;
         match store.append(&event) {

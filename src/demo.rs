@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::daemon::{self, Tap};
 use crate::event::{EventKind, UnitId};
 use crate::field::FieldReport;
-use crate::sim::{SimChange, SimEvent, SimProfile, SmokeState, Simulator};
+use crate::sim::{SimChange, SimEvent, SimProfile, Simulator, SmokeState};
 use crate::uplink::UplinkTap;
 
 const RELAY: UnitId = UnitId(100);
@@ -26,11 +26,19 @@ const RELAY: UnitId = UnitId(100);
 /// # Errors
 /// A simulator, broker or the gateway could not start, or a step of the scenario did not
 /// happen within its time limit (the gateway misbehaved).
-pub async fn run(broker: Option<String>, per_bus: u8, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    broker: Option<String>,
+    per_bus: u8,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let say = move |who: &str, what: String| {
         let t = t0.elapsed();
-        println!("{:>3}.{:03}  {who:<9} {what}", t.as_secs(), t.subsec_millis());
+        println!(
+            "{:>3}.{:03}  {who:<9} {what}",
+            t.as_secs(),
+            t.subsec_millis()
+        );
     };
 
     println!("village-gateway demo: a simulated village with two RS-485 buses (9600 baud, wire time emulated),");
@@ -38,18 +46,25 @@ pub async fn run(broker: Option<String>, per_bus: u8, shutdown: CancellationToke
 
     let sims: Vec<Simulator> = (0..2)
         .map(|_| {
-            let devices = (1..=per_bus).map(|u| (UnitId(u), SimProfile::Smoke)).chain([(RELAY, SimProfile::Relay)]);
+            let devices = (1..=per_bus)
+                .map(|u| (UnitId(u), SimProfile::Smoke))
+                .chain([(RELAY, SimProfile::Relay)]);
             Simulator::new(9600, devices)
         })
         .collect();
     let mut guards = Vec::new();
     let mut ports = Vec::new();
     for sim in &sims {
-        let g = sim.serve_pty().context("cannot open a pseudo-terminal for the simulator")?;
+        let g = sim
+            .serve_pty()
+            .context("cannot open a pseudo-terminal for the simulator")?;
         ports.push(g.path().to_owned());
         guards.push(g);
     }
-    say("field", format!("bus a on {}, bus b on {}", ports[0], ports[1]));
+    say(
+        "field",
+        format!("bus a on {}, bus b on {}", ports[0], ports[1]),
+    );
 
     let (url, _broker) = match broker {
         Some(url) => (url, None),
@@ -67,7 +82,11 @@ pub async fn run(broker: Option<String>, per_bus: u8, shutdown: CancellationToke
 
     let (tap_tx, mut tap) = broadcast::channel::<Tap>(4096);
     let gateway_stop = shutdown.child_token();
-    let gateway = tokio::spawn(daemon::run(config.clone(), gateway_stop.clone(), Some(tap_tx)));
+    let gateway = tokio::spawn(daemon::run(
+        config.clone(),
+        gateway_stop.clone(),
+        Some(tap_tx),
+    ));
 
     // Print what the simulated relay modules receive: the outputs really driven on the wire.
     for (b, sim) in sims.iter().enumerate() {
@@ -78,7 +97,13 @@ pub async fn run(broker: Option<String>, per_bus: u8, shutdown: CancellationToke
                 if let SimChange::CoilWritten { address, on } = what {
                     if unit == RELAY {
                         let name = coil_name(bus, address);
-                        say("outputs", format!("{name:<18} {} (coil {address} of relay unit {unit} on bus {bus})", if on { "ON " } else { "off" }));
+                        say(
+                            "outputs",
+                            format!(
+                                "{name:<18} {} (coil {address} of relay unit {unit} on bus {bus})",
+                                if on { "ON " } else { "off" }
+                            ),
+                        );
                     }
                 }
             }
@@ -86,98 +111,178 @@ pub async fn run(broker: Option<String>, per_bus: u8, shutdown: CancellationToke
     }
 
     // The scenario waits on what the gateway reports.
-    let mut step = Scenario { tap: &mut tap, say: &say };
+    let mut step = Scenario {
+        tap: &mut tap,
+        say: &say,
+    };
     let (mut scanned, mut connected) = (std::collections::HashSet::new(), false);
-    step.until("the first scan of both buses and the broker connection", Duration::from_secs(20), |t| {
-        match t {
-            Tap::Field(FieldReport::Cycle { bus, .. }) => {
-                scanned.insert(bus.clone());
+    step.until(
+        "the first scan of both buses and the broker connection",
+        Duration::from_secs(20),
+        |t| {
+            match t {
+                Tap::Field(FieldReport::Cycle { bus, .. }) => {
+                    scanned.insert(bus.clone());
+                }
+                Tap::Uplink(UplinkTap::Connected) => connected = true,
+                _ => {}
             }
-            Tap::Uplink(UplinkTap::Connected) => connected = true,
-            _ => {}
-        }
-        connected && scanned.len() == 2
-    })
+            connected && scanned.len() == 2
+        },
+    )
     .await?;
-    say("gateway", format!("scanning {} detectors; all quiet", config.detectors.len()));
+    say(
+        "gateway",
+        format!("scanning {} detectors; all quiet", config.detectors.len()),
+    );
     let upstream = Upstream::connect(&url).await?;
 
     pause().await;
-    say("scenario", "Smoke fills room A-103: detector unit 3 on bus a goes into alarm.".to_owned());
+    say(
+        "scenario",
+        "Smoke fills room A-103: detector unit 3 on bus a goes into alarm.".to_owned(),
+    );
     let smoke_at = Instant::now();
     sims[0].set_smoke(UnitId(3), SmokeState::Alarm);
     let sounder_at = std::cell::Cell::new(None);
-    step.all("fire.alarm, the sounder and the broker's PUBACK", Duration::from_secs(10), &[
-        &|t| raised(t, EventKind::FireAlarm),
-        &|t| {
-            let on = written(t, "A-sounder", true);
-            if on {
-                if let Tap::Field(FieldReport::OutputWritten { at, .. }) = t {
-                    sounder_at.set(Some(*at));
+    step.all(
+        "fire.alarm, the sounder and the broker's PUBACK",
+        Duration::from_secs(10),
+        &[
+            &|t| raised(t, EventKind::FireAlarm),
+            &|t| {
+                let on = written(t, "A-sounder", true);
+                if on {
+                    if let Tap::Field(FieldReport::OutputWritten { at, .. }) = t {
+                        sounder_at.set(Some(*at));
+                    }
                 }
-            }
-            on
-        },
-        &|t| acked(t, EventKind::FireAlarm),
-    ])
+                on
+            },
+            &|t| acked(t, EventKind::FireAlarm),
+        ],
+    )
     .await?;
     if let Some(at) = sounder_at.get() {
-        say("gateway", format!("A-sounder confirmed ON by the relay module {} ms after the smoke", at.duration_since(smoke_at).as_millis()));
+        say(
+            "gateway",
+            format!(
+                "A-sounder confirmed ON by the relay module {} ms after the smoke",
+                at.duration_since(smoke_at).as_millis()
+            ),
+        );
     }
 
     pause().await;
-    say("scenario", "The officer at the micro fire-station silences the sounders (MQTT command).".to_owned());
+    say(
+        "scenario",
+        "The officer at the micro fire-station silences the sounders (MQTT command).".to_owned(),
+    );
     upstream.command("silence", "demo-silence-1").await?;
-    step.all("alarm.silenced and the sounder off", Duration::from_secs(10), &[
-        &|t| acked(t, EventKind::AlarmSilenced),
-        &|t| written(t, "A-sounder", false),
-    ])
+    step.all(
+        "alarm.silenced and the sounder off",
+        Duration::from_secs(10),
+        &[&|t| acked(t, EventKind::AlarmSilenced), &|t| {
+            written(t, "A-sounder", false)
+        }],
+    )
     .await?;
-    say("gateway", "sounders silenced; the panel's fire LED stays on until reset".to_owned());
+    say(
+        "gateway",
+        "sounders silenced; the panel's fire LED stays on until reset".to_owned(),
+    );
 
     pause().await;
     say("scenario", "The smoke clears in A-103.".to_owned());
     sims[0].set_smoke(UnitId(3), SmokeState::Normal);
-    step.all("fire.restored", Duration::from_secs(10), &[&|t| acked(t, EventKind::FireRestored)]).await?;
-    say("gateway", "detector back to normal; the alarm stays latched until reset".to_owned());
+    step.all(
+        "fire.restored",
+        Duration::from_secs(10),
+        &[&|t| acked(t, EventKind::FireRestored)],
+    )
+    .await?;
+    say(
+        "gateway",
+        "detector back to normal; the alarm stays latched until reset".to_owned(),
+    );
 
     pause().await;
-    say("scenario", "Smoke in B-105 (bus b) while A is silenced: a new alarm re-sounds every sounder.".to_owned());
+    say(
+        "scenario",
+        "Smoke in B-105 (bus b) while A is silenced: a new alarm re-sounds every sounder."
+            .to_owned(),
+    );
     sims[1].set_smoke(UnitId(5), SmokeState::Alarm);
-    step.all("fire.alarm B-105 and both sounders", Duration::from_secs(10), &[
-        &|t| acked(t, EventKind::FireAlarm),
-        &|t| written(t, "B-sounder", true),
-        &|t| written(t, "A-sounder", true),
-    ])
+    step.all(
+        "fire.alarm B-105 and both sounders",
+        Duration::from_secs(10),
+        &[
+            &|t| acked(t, EventKind::FireAlarm),
+            &|t| written(t, "B-sounder", true),
+            &|t| written(t, "A-sounder", true),
+        ],
+    )
     .await?;
     sims[1].set_smoke(UnitId(5), SmokeState::Normal);
-    step.all("fire.restored B-105", Duration::from_secs(10), &[&|t| acked(t, EventKind::FireRestored)]).await?;
+    step.all(
+        "fire.restored B-105",
+        Duration::from_secs(10),
+        &[&|t| acked(t, EventKind::FireRestored)],
+    )
+    .await?;
 
     pause().await;
-    say("scenario", "The officer resets the panel (MQTT command).".to_owned());
+    say(
+        "scenario",
+        "The officer resets the panel (MQTT command).".to_owned(),
+    );
     upstream.command("reset", "demo-reset-1").await?;
-    step.all("alarm.reset and the outputs off", Duration::from_secs(10), &[
-        &|t| acked(t, EventKind::AlarmReset),
-        &|t| written(t, "A-sounder", false),
-        &|t| written(t, "B-sounder", false),
-        &|t| written(t, "panel fire LED", false),
-    ])
+    step.all(
+        "alarm.reset and the outputs off",
+        Duration::from_secs(10),
+        &[
+            &|t| acked(t, EventKind::AlarmReset),
+            &|t| written(t, "A-sounder", false),
+            &|t| written(t, "B-sounder", false),
+            &|t| written(t, "panel fire LED", false),
+        ],
+    )
     .await?;
-    say("gateway", "alarms cleared, remote reset written to the detectors, sounders and fire LED off".to_owned());
+    say(
+        "gateway",
+        "alarms cleared, remote reset written to the detectors, sounders and fire LED off"
+            .to_owned(),
+    );
 
     pause().await;
-    say("scenario", "Detector A-107 goes dead (wire cut).".to_owned());
+    say(
+        "scenario",
+        "Detector A-107 goes dead (wire cut).".to_owned(),
+    );
     sims[0].set_offline(UnitId(7), true);
-    step.all("device.offline and the fault LED", Duration::from_secs(20), &[
-        &|t| acked(t, EventKind::DeviceOffline),
-        &|t| written(t, "panel fault LED", true),
-    ])
+    step.all(
+        "device.offline and the fault LED",
+        Duration::from_secs(20),
+        &[&|t| acked(t, EventKind::DeviceOffline), &|t| {
+            written(t, "panel fault LED", true)
+        }],
+    )
     .await?;
-    say("gateway", "A-107 offline after 3 missed polls in a row; panel fault LED on".to_owned());
+    say(
+        "gateway",
+        "A-107 offline after 3 missed polls in a row; panel fault LED on".to_owned(),
+    );
 
     pause().await;
     let received = upstream.received();
-    say("upstream", format!("the command centre received {} events, seq {}", received.len(), ranges(&received)));
+    say(
+        "upstream",
+        format!(
+            "the command centre received {} events, seq {}",
+            received.len(),
+            ranges(&received)
+        ),
+    );
     gateway_stop.cancel();
     match gateway.await {
         Ok(r) => r?,
@@ -197,7 +302,12 @@ struct Scenario<'a, S: Fn(&str, String)> {
 impl<S: Fn(&str, String)> Scenario<'_, S> {
     /// Prints what the gateway does until every one of `wanted` has matched a tap (in any
     /// order), or fails after `limit`.
-    async fn all(&mut self, what: &str, limit: Duration, wanted: &[&dyn Fn(&Tap) -> bool]) -> anyhow::Result<()> {
+    async fn all(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        wanted: &[&dyn Fn(&Tap) -> bool],
+    ) -> anyhow::Result<()> {
         let mut seen = vec![false; wanted.len()];
         self.until(what, limit, |t| {
             for (s, w) in seen.iter_mut().zip(wanted) {
@@ -209,13 +319,20 @@ impl<S: Fn(&str, String)> Scenario<'_, S> {
     }
 
     /// Prints what the gateway does until `done` matches a tap, or fails after `limit`.
-    async fn until(&mut self, what: &str, limit: Duration, mut done: impl FnMut(&Tap) -> bool) -> anyhow::Result<()> {
+    async fn until(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut done: impl FnMut(&Tap) -> bool,
+    ) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let t = match tokio::time::timeout_at(deadline, self.tap.recv()).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
-                Ok(Err(broadcast::error::RecvError::Closed)) => bail!("the gateway stopped while waiting for {what}"),
+                Ok(Err(broadcast::error::RecvError::Closed)) => {
+                    bail!("the gateway stopped while waiting for {what}")
+                }
                 Err(_) => bail!("{what} did not happen within {} s", limit.as_secs()),
             };
             self.print(&t);
@@ -228,17 +345,49 @@ impl<S: Fn(&str, String)> Scenario<'_, S> {
     fn print(&self, t: &Tap) {
         match t {
             Tap::Raised(e) => {
-                let device = e.data.device.as_ref().map(|d| format!(" {d}")).unwrap_or_default();
-                let loc = e.data.location.as_ref().map(|l| format!(" ({l})")).unwrap_or_default();
-                let reason = e.data.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
+                let device = e
+                    .data
+                    .device
+                    .as_ref()
+                    .map(|d| format!(" {d}"))
+                    .unwrap_or_default();
+                let loc = e
+                    .data
+                    .location
+                    .as_ref()
+                    .map(|l| format!(" ({l})"))
+                    .unwrap_or_default();
+                let reason = e
+                    .data
+                    .reason
+                    .as_ref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default();
                 (self.say)("gateway", format!("raised {}{device}{loc}{reason}", e.kind));
             }
             Tap::Stored { seq, kind } => (self.say)("store", format!("seq {seq} {kind} stored")),
-            Tap::Uplink(UplinkTap::Acked { seq, kind }) => (self.say)("broker", format!("PUBACK seq {seq} {kind}")),
-            Tap::Uplink(UplinkTap::Connected) => (self.say)("uplink", "connected to the broker".to_owned()),
-            Tap::Uplink(UplinkTap::Disconnected { reason }) => (self.say)("uplink", format!("disconnected: {reason}")),
-            Tap::Field(FieldReport::OutputWritten { name, on, ok: false, .. }) => {
-                (self.say)("gateway", format!("write of {name} {} FAILED; retrying", if *on { "ON" } else { "off" }));
+            Tap::Uplink(UplinkTap::Acked { seq, kind }) => {
+                (self.say)("broker", format!("PUBACK seq {seq} {kind}"));
+            }
+            Tap::Uplink(UplinkTap::Connected) => {
+                (self.say)("uplink", "connected to the broker".to_owned());
+            }
+            Tap::Uplink(UplinkTap::Disconnected { reason }) => {
+                (self.say)("uplink", format!("disconnected: {reason}"));
+            }
+            Tap::Field(FieldReport::OutputWritten {
+                name,
+                on,
+                ok: false,
+                ..
+            }) => {
+                (self.say)(
+                    "gateway",
+                    format!(
+                        "write of {name} {} FAILED; retrying",
+                        if *on { "ON" } else { "off" }
+                    ),
+                );
             }
             _ => {}
         }
@@ -283,7 +432,11 @@ fn ranges(seqs: &[u64]) -> String {
         while i + 1 < seqs.len() && seqs[i + 1] == seqs[i] + 1 {
             i += 1;
         }
-        out.push(if seqs[i] == start { start.to_string() } else { format!("{start}-{}", seqs[i]) });
+        out.push(if seqs[i] == start {
+            start.to_string()
+        } else {
+            format!("{start}-{}", seqs[i])
+        });
         i += 1;
     }
     out.join(", ")
@@ -299,10 +452,16 @@ impl Upstream {
     async fn connect(url: &str) -> anyhow::Result<Upstream> {
         let addr = url.trim_start_matches("mqtt://");
         let (host, port) = addr.rsplit_once(':').context("broker url has no port")?;
-        let mut opts = rumqttc::MqttOptions::new("demo-command-centre", host, port.parse().context("bad port")?);
+        let mut opts = rumqttc::MqttOptions::new(
+            "demo-command-centre",
+            host,
+            port.parse().context("bad port")?,
+        );
         opts.set_keep_alive(Duration::from_secs(10));
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 64);
-        client.subscribe("village/demo/event/#", rumqttc::QoS::AtLeastOnce).await?;
+        client
+            .subscribe("village/demo/event/#", rumqttc::QoS::AtLeastOnce)
+            .await?;
         let seqs = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
         let s = seqs.clone();
         tokio::spawn(async move {
@@ -325,11 +484,21 @@ impl Upstream {
 
     async fn command(&self, name: &str, id: &str) -> anyhow::Result<()> {
         let payload = serde_json::json!({ "id": id }).to_string();
-        self.client.publish(format!("village/demo/cmd/{name}"), rumqttc::QoS::AtLeastOnce, false, payload).await?;
+        self.client
+            .publish(
+                format!("village/demo/cmd/{name}"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await?;
         Ok(())
     }
 
     fn received(&self) -> Vec<u64> {
-        self.seqs.lock().map(|s| s.iter().copied().collect()).unwrap_or_default()
+        self.seqs
+            .lock()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
     }
 }

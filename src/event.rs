@@ -231,7 +231,12 @@ impl Event {
     }
 
     /// The CloudEvents 1.0 JSON envelope (DESIGN.md §3) of this event numbered `seq`.
-    pub fn to_cloudevent(&self, seq: Seq, gateway_id: &str, topic_prefix: &str) -> serde_json::Value {
+    pub fn to_cloudevent(
+        &self,
+        seq: Seq,
+        gateway_id: &str,
+        topic_prefix: &str,
+    ) -> serde_json::Value {
         serde_json::json!({
             "specversion": "1.0",
             "id": format!("{gateway_id}-{}", seq.0),
@@ -341,7 +346,10 @@ mod tests {
         let e = Event::new(
             EventKind::FireAlarm,
             t,
-            EventData { device: Some("A-101".into()), ..EventData::default() },
+            EventData {
+                device: Some("A-101".into()),
+                ..EventData::default()
+            },
         );
         let v = e.to_cloudevent(Seq(42), "yian", "village");
         assert_eq!(v["id"], "yian-42");
@@ -355,20 +363,33 @@ mod tests {
 
     #[test]
     fn event_survives_a_json_round_trip() {
-        let e = Event::new(EventKind::DeviceOffline, SystemTime::UNIX_EPOCH, EventData::default());
+        let e = Event::new(
+            EventKind::DeviceOffline,
+            SystemTime::UNIX_EPOCH,
+            EventData::default(),
+        );
         let bytes = serde_json::to_vec(&e).unwrap();
         assert_eq!(serde_json::from_slice::<Event>(&bytes).unwrap(), e);
     }
 
     #[test]
     fn malformed_and_unknown_commands_are_errors_with_the_id_when_known() {
-        assert!(matches!(Command::parse("silence", b"not json"), Err((None, CommandError::Malformed(_)))));
-        assert!(matches!(Command::parse("silence", b"{}"), Err((None, CommandError::Malformed(_)))));
+        assert!(matches!(
+            Command::parse("silence", b"not json"),
+            Err((None, CommandError::Malformed(_)))
+        ));
+        assert!(matches!(
+            Command::parse("silence", b"{}"),
+            Err((None, CommandError::Malformed(_)))
+        ));
         let err = Command::parse("explode", br#"{"id":"c1"}"#).unwrap_err();
         assert_eq!(err.0.as_deref(), Some("c1"));
         assert_eq!(
             Command::parse("reset", br#"{"id":"c2"}"#).unwrap(),
-            Command { id: "c2".into(), kind: CommandKind::Reset }
+            Command {
+                id: "c2".into(),
+                kind: CommandKind::Reset
+            }
         );
     }
 }

@@ -11,7 +11,11 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. `quiet` lowers the default level to `warn`.
 pub fn init(quiet: bool) {
-    let default = if quiet { "error,rumqttd=off" } else { "info,rumqttd=warn" };
+    let default = if quiet {
+        "error,rumqttd=off"
+    } else {
+        "info,rumqttd=warn"
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let registry = tracing_subscriber::registry().with(filter);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
@@ -20,5 +24,11 @@ pub fn init(quiet: bool) {
             return;
         }
     }
-    let _ = registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false)).try_init();
+    let _ = registry
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
+        .try_init();
 }

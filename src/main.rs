@@ -14,7 +14,11 @@ use village_gateway::sim::{SimProfile, Simulator};
 use village_gateway::{broker, daemon, demo};
 
 #[derive(Debug, Parser)]
-#[command(name = "village-gateway", version, about = "Village fire-alarm gateway: Modbus field buses, local alarm logic, store-and-forward over MQTT.")]
+#[command(
+    name = "village-gateway",
+    version,
+    about = "Village fire-alarm gateway: Modbus field buses, local alarm logic, store-and-forward over MQTT."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -95,7 +99,13 @@ fn main() -> ExitCode {
             };
             runtime_main(|shutdown| daemon::run(config, shutdown, None))
         }
-        Command::Simulate { port, baud, detectors, relay_unit, tcp } => runtime_main(|shutdown| async move {
+        Command::Simulate {
+            port,
+            baud,
+            detectors,
+            relay_unit,
+            tcp,
+        } => runtime_main(|shutdown| async move {
             let devices = (1..=detectors)
                 .map(|u| (UnitId(u), SimProfile::Smoke))
                 .chain(std::iter::once((UnitId(relay_unit), SimProfile::Relay)));
@@ -127,7 +137,9 @@ fn main() -> ExitCode {
             }
             Ok::<(), anyhow::Error>(())
         }),
-        Command::Demo { broker, detectors } => runtime_main(|shutdown| demo::run(broker, detectors, shutdown)),
+        Command::Demo { broker, detectors } => {
+            runtime_main(|shutdown| demo::run(broker, detectors, shutdown))
+        }
         Command::Broker { port } => match broker::run_forever(port) {
             Ok(never) => match never {},
             Err(e) => {
@@ -149,7 +161,10 @@ where
     Fut: std::future::Future<Output = Result<(), E>>,
     E: Into<anyhow::Error>,
 {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "Cannot start the runtime.");

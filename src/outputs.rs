@@ -53,9 +53,15 @@ impl GpioOutput {
     /// [`Error::Gpio`]: not a Pi (`UnknownModel`), pin in use, or no permission (group `gpio`).
     pub fn open(pin: u8, active_low: bool) -> Result<Self, Error> {
         let gpio = rppal::gpio::Gpio::new().map_err(|source| Error::Gpio { pin, source })?;
-        let mut out = gpio.get(pin).map_err(|source| Error::Gpio { pin, source })?.into_output();
+        let mut out = gpio
+            .get(pin)
+            .map_err(|source| Error::Gpio { pin, source })?
+            .into_output();
         out.set_reset_on_drop(false);
-        let mut o = GpioOutput { pin: out, active_low };
+        let mut o = GpioOutput {
+            pin: out,
+            active_low,
+        };
         o.set(false)?;
         Ok(o)
     }
@@ -122,7 +128,12 @@ mod tests {
         let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
         let (tx, rx) = watch::channel(false);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(follow("s".into(), Box::new(Recorder(seen_tx)), rx, stop.clone()));
+        let task = tokio::spawn(follow(
+            "s".into(),
+            Box::new(Recorder(seen_tx)),
+            rx,
+            stop.clone(),
+        ));
         assert_eq!(seen.recv().await, Some(false));
         tx.send(true).unwrap();
         assert_eq!(seen.recv().await, Some(true));
@@ -133,9 +144,13 @@ mod tests {
     #[test]
     fn opening_a_gpio_off_a_pi_is_an_error_not_a_panic() {
         // Off a Raspberry Pi, rppal reports UnknownModel.
-        if std::fs::read_to_string("/proc/device-tree/model").is_ok_and(|m| m.contains("Raspberry")) {
+        if std::fs::read_to_string("/proc/device-tree/model").is_ok_and(|m| m.contains("Raspberry"))
+        {
             return;
         }
-        assert!(matches!(GpioOutput::open(17, false), Err(Error::Gpio { pin: 17, .. })));
+        assert!(matches!(
+            GpioOutput::open(17, false),
+            Err(Error::Gpio { pin: 17, .. })
+        ));
     }
 }

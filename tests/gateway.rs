@@ -13,14 +13,19 @@ use tokio_util::sync::CancellationToken;
 use village_gateway::config::{BusTransport, Config};
 use village_gateway::daemon::{self, Tap};
 use village_gateway::event::{EventKind, UnitId};
-use village_gateway::sim::{SimChange, SimProfile, SmokeState, Simulator};
+use village_gateway::sim::{SimChange, SimProfile, Simulator, SmokeState};
 use village_gateway::uplink::UplinkTap;
 
 const BIN: &str = env!("CARGO_BIN_EXE_village-gateway");
 const RELAY: UnitId = UnitId(100);
 
 fn village(per_bus: u8) -> Simulator {
-    Simulator::new(9600, (1..=per_bus).map(|u| (UnitId(u), SimProfile::Smoke)).chain([(RELAY, SimProfile::Relay)]))
+    Simulator::new(
+        9600,
+        (1..=per_bus)
+            .map(|u| (UnitId(u), SimProfile::Smoke))
+            .chain([(RELAY, SimProfile::Relay)]),
+    )
 }
 
 /// An upstream subscriber: every event payload received, by seq (duplicates counted).
@@ -34,12 +39,17 @@ impl Subscriber {
         let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5));
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 100);
-        client.subscribe("village/#", rumqttc::QoS::AtLeastOnce).await.unwrap();
+        client
+            .subscribe("village/#", rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) if p.topic.contains("/event/") => {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))
+                        if p.topic.contains("/event/") =>
+                    {
                         let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
                         if tx.send(v).is_err() {
                             return;
@@ -69,13 +79,20 @@ impl Subscriber {
     }
 }
 
-async fn until(tap: &mut broadcast::Receiver<Tap>, limit: Duration, what: &str, f: impl Fn(&Tap) -> bool) -> Tap {
+async fn until(
+    tap: &mut broadcast::Receiver<Tap>,
+    limit: Duration,
+    what: &str,
+    f: impl Fn(&Tap) -> bool,
+) -> Tap {
     tokio::time::timeout(limit, async {
         loop {
             match tap.recv().await {
                 Ok(t) if f(&t) => return t,
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => panic!("gateway stopped while waiting for {what}"),
+                Err(broadcast::error::RecvError::Closed) => {
+                    panic!("gateway stopped while waiting for {what}")
+                }
             }
         }
     })
@@ -86,7 +103,15 @@ async fn until(tap: &mut broadcast::Receiver<Tap>, limit: Duration, what: &str, 
 async fn wait_subscribed(sub: &Subscriber) {
     // A retained status or our own probe tells that the subscription is live.
     let probe = "village/probe/event/probe";
-    sub.client.publish(probe, rumqttc::QoS::AtLeastOnce, false, r#"{"type":"probe"}"#).await.unwrap();
+    sub.client
+        .publish(
+            probe,
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"type":"probe"}"#,
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,7 +131,13 @@ async fn a_detector_alarm_reaches_the_sounder_coil_and_the_broker() {
     let stop = CancellationToken::new();
     let gw = tokio::spawn(daemon::run(config, stop.clone(), Some(tap_tx)));
     let mut coils = sim.subscribe();
-    until(&mut tap, Duration::from_secs(10), "a first scan", |t| matches!(t, Tap::Field(village_gateway::field::FieldReport::Cycle { .. }))).await;
+    until(&mut tap, Duration::from_secs(10), "a first scan", |t| {
+        matches!(
+            t,
+            Tap::Field(village_gateway::field::FieldReport::Cycle { .. })
+        )
+    })
+    .await;
 
     sim.set_smoke(UnitId(2), SmokeState::Alarm);
     // The sounder coil (relay unit 100, coil 0) and the panel fire LED (coil 5) are switched
@@ -136,11 +167,23 @@ async fn a_detector_alarm_reaches_the_sounder_coil_and_the_broker() {
     assert_eq!(alarm["id"], format!("demo-{seq}"));
 
     // Silence by MQTT command: sounder off, fire LED stays on; the result names the command.
-    sub.client.publish("village/demo/cmd/silence", rumqttc::QoS::AtLeastOnce, false, r#"{"id":"c-1"}"#).await.unwrap();
+    sub.client
+        .publish(
+            "village/demo/cmd/silence",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"id":"c-1"}"#,
+        )
+        .await
+        .unwrap();
     sub.next_of("alarm.silenced", Duration::from_secs(10)).await;
     until(&mut tap, Duration::from_secs(5), "sounder off", |t| matches!(t, Tap::Field(village_gateway::field::FieldReport::OutputWritten { name, on: false, ok: true, .. }) if name == "A-sounder")).await;
     assert_eq!(sim.coil(RELAY, 0), Some(false));
-    assert_eq!(sim.coil(RELAY, 5), Some(true), "silence never clears the fire LED");
+    assert_eq!(
+        sim.coil(RELAY, 5),
+        Some(true),
+        "silence never clears the fire LED"
+    );
 
     stop.cancel();
     gw.await.unwrap().unwrap();
@@ -159,14 +202,26 @@ async fn a_dead_detector_goes_offline_and_lights_the_fault_led() {
     let gw = tokio::spawn(daemon::run(config, stop.clone(), Some(tap_tx)));
 
     sim.set_offline(UnitId(2), true);
-    let t = until(&mut tap, Duration::from_secs(20), "device.offline", |t| matches!(t, Tap::Raised(e) if e.kind == EventKind::DeviceOffline)).await;
+    let t = until(
+        &mut tap,
+        Duration::from_secs(20),
+        "device.offline",
+        |t| matches!(t, Tap::Raised(e) if e.kind == EventKind::DeviceOffline),
+    )
+    .await;
     let Tap::Raised(e) = t else { unreachable!() };
     assert_eq!(e.data.device, Some("A-102".into()));
     until(&mut tap, Duration::from_secs(5), "fault LED", |t| matches!(t, Tap::Field(village_gateway::field::FieldReport::OutputWritten { name, on: true, ok: true, .. }) if name == "panel fault LED")).await;
     assert_eq!(sim.coil(RELAY, 6), Some(true));
 
     sim.set_offline(UnitId(2), false);
-    until(&mut tap, Duration::from_secs(10), "device.online", |t| matches!(t, Tap::Raised(e) if e.kind == EventKind::DeviceOnline)).await;
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "device.online",
+        |t| matches!(t, Tap::Raised(e) if e.kind == EventKind::DeviceOnline),
+    )
+    .await;
     stop.cancel();
     gw.await.unwrap().unwrap();
 }
@@ -182,7 +237,9 @@ async fn a_detector_on_modbus_tcp_is_polled_like_a_serial_one() {
     let state = tempfile::tempdir().unwrap();
     let url = format!("mqtt://127.0.0.1:{}", broker.port());
     let mut config = Config::simulated_village(&["unused".to_owned()], 2, &url, state.path());
-    config.buses[0].transport = BusTransport::Tcp { addr: addr.to_string() };
+    config.buses[0].transport = BusTransport::Tcp {
+        addr: addr.to_string(),
+    };
     let (tap_tx, mut tap) = broadcast::channel(4096);
     let stop = CancellationToken::new();
     let gw = tokio::spawn(daemon::run(config, stop.clone(), Some(tap_tx)));
@@ -216,12 +273,19 @@ impl Drop for BrokerProcess {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn wait_for_port(port: u16) {
     tokio::time::timeout(Duration::from_secs(10), async {
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -242,22 +306,55 @@ async fn the_broker_stopped_and_restarted_loses_no_event_and_keeps_seq_order() {
     let (tap_tx, mut tap) = broadcast::channel(4096);
     let stop = CancellationToken::new();
     let gw = tokio::spawn(daemon::run(config, stop.clone(), Some(tap_tx)));
-    until(&mut tap, Duration::from_secs(10), "connected", |t| matches!(t, Tap::Uplink(UplinkTap::Connected))).await;
-    until(&mut tap, Duration::from_secs(10), "gateway.started acked", |t| matches!(t, Tap::Uplink(UplinkTap::Acked { kind: EventKind::GatewayStarted, .. }))).await;
+    until(&mut tap, Duration::from_secs(10), "connected", |t| {
+        matches!(t, Tap::Uplink(UplinkTap::Connected))
+    })
+    .await;
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "gateway.started acked",
+        |t| {
+            matches!(
+                t,
+                Tap::Uplink(UplinkTap::Acked {
+                    kind: EventKind::GatewayStarted,
+                    ..
+                })
+            )
+        },
+    )
+    .await;
 
     drop(broker);
-    until(&mut tap, Duration::from_secs(10), "disconnected", |t| matches!(t, Tap::Uplink(UplinkTap::Disconnected { .. }))).await;
+    until(&mut tap, Duration::from_secs(10), "disconnected", |t| {
+        matches!(t, Tap::Uplink(UplinkTap::Disconnected { .. }))
+    })
+    .await;
 
     // Events while the broker is down: alarms on two detectors, restores, a fault.
     let mut last_seq = 0;
-    for (unit, state) in [(1, SmokeState::Alarm), (1, SmokeState::Normal), (3, SmokeState::Alarm), (3, SmokeState::Normal), (4, SmokeState::Fault), (4, SmokeState::Normal)] {
+    for (unit, state) in [
+        (1, SmokeState::Alarm),
+        (1, SmokeState::Normal),
+        (3, SmokeState::Alarm),
+        (3, SmokeState::Normal),
+        (4, SmokeState::Fault),
+        (4, SmokeState::Normal),
+    ] {
         sim.set_smoke(UnitId(unit), state);
-        let t = until(&mut tap, Duration::from_secs(10), "stored", |t| matches!(t, Tap::Stored { .. })).await;
+        let t = until(&mut tap, Duration::from_secs(10), "stored", |t| {
+            matches!(t, Tap::Stored { .. })
+        })
+        .await;
         if let Tap::Stored { seq, .. } = t {
             last_seq = seq.0;
         }
     }
-    assert!(last_seq >= 7, "gateway.started plus six events stored, got {last_seq}");
+    assert!(
+        last_seq >= 7,
+        "gateway.started plus six events stored, got {last_seq}"
+    );
 
     let _broker = BrokerProcess::start(port);
     wait_for_port(port).await;
@@ -294,7 +391,11 @@ async fn the_broker_stopped_and_restarted_loses_no_event_and_keeps_seq_order() {
 fn check_config(text: &str, dir: &Path) -> std::process::Output {
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).unwrap();
-    Command::new(BIN).args(["check-config", "--config"]).arg(&path).output().unwrap()
+    Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -302,17 +403,30 @@ fn a_bad_config_is_refused_with_its_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let example = include_str!("../config/gateway.example.toml");
     let good = check_config(example, dir.path());
-    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
 
     let bad = example.replacen("unit = 2\n", "unit = 248\n", 1);
     let line = bad.lines().position(|l| l == "unit = 248").unwrap() + 1;
     let out = check_config(&bad, dir.path());
     assert_eq!(out.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("gateway.toml:{line}: detector[1].unit: unit id 248 is outside 1..=247")), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "gateway.toml:{line}: detector[1].unit: unit id 248 is outside 1..=247"
+        )),
+        "{stderr}"
+    );
 
     // `run` refuses it the same way, before touching any port.
     let path = dir.path().join("gateway.toml");
-    let run = Command::new(BIN).args(["run", "--config"]).arg(&path).output().unwrap();
+    let run = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(run.status.code(), Some(78));
 }

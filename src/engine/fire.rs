@@ -74,7 +74,10 @@ pub enum Origin {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     /// A poll of detector `detector` (index) answered with `reading`.
-    Reading { detector: usize, reading: DetectorReading },
+    Reading {
+        detector: usize,
+        reading: DetectorReading,
+    },
     /// A poll of detector `detector` got no valid answer (timeout, bad frame, exception).
     PollMissed { detector: usize, reason: String },
     /// Silence the sounding alarms.
@@ -127,7 +130,14 @@ impl FireEngine {
     /// An engine with every detector normal and online and nothing latched.
     pub fn new(detectors: Vec<DetectorSpec>, sounders: Vec<SounderSpec>, panel: PanelSpec) -> Self {
         let state = vec![DetectorState::default(); detectors.len()];
-        FireEngine { detectors, sounders, panel, state, silenced: false, driven: Default::default() }
+        FireEngine {
+            detectors,
+            sounders,
+            panel,
+            state,
+            silenced: false,
+            driven: Default::default(),
+        }
     }
 
     /// The first levels of every output (all off for a fresh engine).
@@ -142,14 +152,17 @@ impl FireEngine {
         let mut step = Step::default();
         match input {
             Input::Reading { detector, reading } => self.reading(detector, reading, now, &mut step),
-            Input::PollMissed { detector, reason } => self.missed(detector, &reason, now, &mut step),
+            Input::PollMissed { detector, reason } => {
+                self.missed(detector, &reason, now, &mut step);
+            }
             Input::Silence(origin) => self.silence(&origin, now, &mut step),
             Input::Reset(origin) => self.reset(&origin, now, &mut step),
         }
         self.drive_outputs(&mut step, false);
         // Outputs go first: the caller applies actions in order, and sounders must not wait
         // behind a remote reset write.
-        step.actions.sort_by_key(|a| !matches!(a, Action::DriveOutput { .. }));
+        step.actions
+            .sort_by_key(|a| !matches!(a, Action::DriveOutput { .. }));
         step
     }
 
@@ -194,7 +207,12 @@ impl FireEngine {
     }
 
     fn iter_where(&self, f: impl Fn(&DetectorState) -> bool) -> Vec<DeviceId> {
-        self.detectors.iter().zip(&self.state).filter(|(_, s)| f(s)).map(|(d, _)| d.id.clone()).collect()
+        self.detectors
+            .iter()
+            .zip(&self.state)
+            .filter(|(_, s)| f(s))
+            .map(|(d, _)| d.id.clone())
+            .collect()
     }
 
     fn event(&self, kind: EventKind, detector: usize, now: SystemTime) -> Event {
@@ -208,13 +226,22 @@ impl FireEngine {
         Event::new(kind, now, data)
     }
 
-    fn reading(&mut self, detector: usize, reading: DetectorReading, now: SystemTime, step: &mut Step) {
-        let Some(state) = self.state.get(detector).cloned() else { return };
+    fn reading(
+        &mut self,
+        detector: usize,
+        reading: DetectorReading,
+        now: SystemTime,
+        step: &mut Step,
+    ) {
+        let Some(state) = self.state.get(detector).cloned() else {
+            return;
+        };
         let mut next = state.clone();
         next.missed = 0;
         if state.offline {
             next.offline = false;
-            step.events.push(self.event(EventKind::DeviceOnline, detector, now));
+            step.events
+                .push(self.event(EventKind::DeviceOnline, detector, now));
         }
         let alarm = reading.status == DetectorStatus::Alarm;
         let fault = reading.status == DetectorStatus::Fault || reading.fault_bits != 0;
@@ -228,12 +255,18 @@ impl FireEngine {
         } else if !alarm && state.in_alarm && state.latched {
             let mut e = self.event(EventKind::FireRestored, detector, now);
             e.data.reading = Some(reading);
-            e.data.reason = Some("detector no longer reports alarm; the alarm stays latched until reset".to_owned());
+            e.data.reason = Some(
+                "detector no longer reports alarm; the alarm stays latched until reset".to_owned(),
+            );
             step.events.push(e);
         }
         next.in_alarm = alarm;
         if fault != state.in_fault {
-            let kind = if fault { EventKind::DeviceFault } else { EventKind::DeviceFaultCleared };
+            let kind = if fault {
+                EventKind::DeviceFault
+            } else {
+                EventKind::DeviceFaultCleared
+            };
             let mut e = self.event(kind, detector, now);
             e.data.reading = Some(reading);
             if fault {
@@ -246,7 +279,9 @@ impl FireEngine {
     }
 
     fn missed(&mut self, detector: usize, reason: &str, now: SystemTime, step: &mut Step) {
-        let Some(limit) = self.detectors.get(detector).map(|d| d.offline_after) else { return };
+        let Some(limit) = self.detectors.get(detector).map(|d| d.offline_after) else {
+            return;
+        };
         let s = &mut self.state[detector];
         s.missed = s.missed.saturating_add(1);
         if !s.offline && s.missed >= limit {
@@ -264,7 +299,8 @@ impl FireEngine {
             return;
         }
         self.silenced = true;
-        step.events.push(site_event(EventKind::AlarmSilenced, origin, latched, now));
+        step.events
+            .push(site_event(EventKind::AlarmSilenced, origin, latched, now));
     }
 
     fn reset(&mut self, origin: &Origin, now: SystemTime, step: &mut Step) {
@@ -283,12 +319,18 @@ impl FireEngine {
             }
         }
         self.silenced = false;
-        step.events.push(site_event(EventKind::AlarmReset, origin, latched, now));
+        step.events
+            .push(site_event(EventKind::AlarmReset, origin, latched, now));
     }
 
     fn wanted(&self, output: OutputId) -> bool {
         let sounding = |zones: &Zones| {
-            !self.silenced && self.detectors.iter().zip(&self.state).any(|(d, s)| s.latched && zones.includes(&d.zone))
+            !self.silenced
+                && self
+                    .detectors
+                    .iter()
+                    .zip(&self.state)
+                    .any(|(d, s)| s.latched && zones.includes(&d.zone))
         };
         match output {
             OutputId::Sounder(i) => self.sounders.get(i).is_some_and(|s| sounding(&s.zones)),
@@ -327,7 +369,12 @@ fn site_event(kind: EventKind, origin: &Origin, devices: Vec<DeviceId>, now: Sys
 
 /// A readable description of a fault reading (generic profile fault bits).
 fn describe_fault(r: DetectorReading) -> String {
-    const BITS: [&str; 4] = ["chamber fault", "head removed", "contamination", "supply low"];
+    const BITS: [&str; 4] = [
+        "chamber fault",
+        "head removed",
+        "contamination",
+        "supply low",
+    ];
     let mut parts: Vec<String> = BITS
         .iter()
         .enumerate()
@@ -353,7 +400,12 @@ mod tests {
     use super::*;
 
     fn reading(status: DetectorStatus) -> DetectorReading {
-        DetectorReading { status, smoke_db_per_m: Some(0.0), fault_bits: 0, heartbeat: Some(0) }
+        DetectorReading {
+            status,
+            smoke_db_per_m: Some(0.0),
+            fault_bits: 0,
+            heartbeat: Some(0),
+        }
     }
 
     fn engine() -> FireEngine {
@@ -367,11 +419,24 @@ mod tests {
         let mut e = FireEngine::new(
             vec![det("A-101", "A"), det("A-102", "A"), det("B-101", "B")],
             vec![
-                SounderSpec { id: "A-s".into(), zones: Zones::Some(vec!["A".into()]) },
-                SounderSpec { id: "B-s".into(), zones: Zones::Some(vec!["B".into()]) },
-                SounderSpec { id: "all".into(), zones: Zones::All },
+                SounderSpec {
+                    id: "A-s".into(),
+                    zones: Zones::Some(vec!["A".into()]),
+                },
+                SounderSpec {
+                    id: "B-s".into(),
+                    zones: Zones::Some(vec!["B".into()]),
+                },
+                SounderSpec {
+                    id: "all".into(),
+                    zones: Zones::All,
+                },
             ],
-            PanelSpec { fire_led: true, fault_led: true, buzzer: true },
+            PanelSpec {
+                fire_led: true,
+                fault_led: true,
+                buzzer: true,
+            },
         );
         e.start();
         e
@@ -390,24 +455,48 @@ mod tests {
         let mut e = engine();
         let step = e.start();
         assert_eq!(step.actions.len(), 6);
-        assert!(step.actions.iter().all(|a| matches!(a, Action::DriveOutput { on: false, .. })));
+        assert!(step
+            .actions
+            .iter()
+            .all(|a| matches!(a, Action::DriveOutput { on: false, .. })));
     }
 
     #[test]
     fn an_alarm_sounds_its_zone_and_the_panel_first() {
         let mut e = engine();
-        let step = e.step(Input::Reading { detector: 0, reading: reading(DetectorStatus::Alarm) }, t(1));
+        let step = e.step(
+            Input::Reading {
+                detector: 0,
+                reading: reading(DetectorStatus::Alarm),
+            },
+            t(1),
+        );
         assert_eq!(kinds(&step), [EventKind::FireAlarm]);
         assert_eq!(
             step.actions,
             [
-                Action::DriveOutput { output: OutputId::Sounder(0), on: true },
-                Action::DriveOutput { output: OutputId::Sounder(2), on: true },
-                Action::DriveOutput { output: OutputId::PanelFireLed, on: true },
-                Action::DriveOutput { output: OutputId::PanelBuzzer, on: true },
+                Action::DriveOutput {
+                    output: OutputId::Sounder(0),
+                    on: true
+                },
+                Action::DriveOutput {
+                    output: OutputId::Sounder(2),
+                    on: true
+                },
+                Action::DriveOutput {
+                    output: OutputId::PanelFireLed,
+                    on: true
+                },
+                Action::DriveOutput {
+                    output: OutputId::PanelBuzzer,
+                    on: true
+                },
             ]
         );
-        assert!(!e.output(OutputId::Sounder(1)), "zone B's sounder stays off");
+        assert!(
+            !e.output(OutputId::Sounder(1)),
+            "zone B's sounder stays off"
+        );
         assert_eq!(step.events[0].data.device, Some("A-101".into()));
         assert_eq!(step.events[0].time, t(1));
     }
@@ -415,27 +504,63 @@ mod tests {
     #[test]
     fn alarm_stays_latched_until_reset() {
         let mut e = engine();
-        e.step(Input::Reading { detector: 0, reading: reading(DetectorStatus::Alarm) }, t(1));
-        let step = e.step(Input::Reading { detector: 0, reading: reading(DetectorStatus::Normal) }, t(2));
+        e.step(
+            Input::Reading {
+                detector: 0,
+                reading: reading(DetectorStatus::Alarm),
+            },
+            t(1),
+        );
+        let step = e.step(
+            Input::Reading {
+                detector: 0,
+                reading: reading(DetectorStatus::Normal),
+            },
+            t(2),
+        );
         assert_eq!(kinds(&step), [EventKind::FireRestored]);
         assert!(step.actions.is_empty());
         assert!(e.output(OutputId::Sounder(0)));
-        let again = e.step(Input::Reading { detector: 0, reading: reading(DetectorStatus::Normal) }, t(3));
+        let again = e.step(
+            Input::Reading {
+                detector: 0,
+                reading: reading(DetectorStatus::Normal),
+            },
+            t(3),
+        );
         assert!(again.events.is_empty(), "restored is reported once");
     }
 
     #[test]
     fn a_repeated_alarm_reading_raises_one_event() {
         let mut e = engine();
-        e.step(Input::Reading { detector: 0, reading: reading(DetectorStatus::Alarm) }, t(1));
-        let step = e.step(Input::Reading { detector: 0, reading: reading(DetectorStatus::Alarm) }, t(2));
+        e.step(
+            Input::Reading {
+                detector: 0,
+                reading: reading(DetectorStatus::Alarm),
+            },
+            t(1),
+        );
+        let step = e.step(
+            Input::Reading {
+                detector: 0,
+                reading: reading(DetectorStatus::Alarm),
+            },
+            t(2),
+        );
         assert_eq!(step, Step::default());
     }
 
     #[test]
     fn silence_stops_sounders_but_not_the_fire_led() {
         let mut e = engine();
-        e.step(Input::Reading { detector: 0, reading: reading(DetectorStatus::Alarm) }, t(1));
+        e.step(
+            Input::Reading {
+                detector: 0,
+                reading: reading(DetectorStatus::Alarm),
+            },
+            t(1),
+        );
         let step = e.step(Input::Silence(Origin::Command("c1".into())), t(2));
         assert_eq!(kinds(&step), [EventKind::AlarmSilenced]);
         assert_eq!(step.events[0].data.command.as_deref(), Some("c1"));
@@ -447,9 +572,21 @@ mod tests {
     #[test]
     fn a_new_alarm_after_silence_resounds() {
         let mut e = engine();
-        e.step(Input::Reading { detector: 0, reading: reading(DetectorStatus::Alarm) }, t(1));
+        e.step(
+            Input::Reading {
+                detector: 0,
+                reading: reading(DetectorStatus::Alarm),
+            },
+            t(1),
+        );
         e.step(Input::Silence(Origin::PanelKey), t(2));
-        e.step(Input::Reading { detector: 2, reading: reading(DetectorStatus::Alarm) }, t(3));
+        e.step(
+            Input::Reading {
+                detector: 2,
+                reading: reading(DetectorStatus::Alarm),
+            },
+            t(3),
+        );
         assert!(e.output(OutputId::Sounder(0)));
         assert!(e.output(OutputId::Sounder(1)));
     }
@@ -457,19 +594,34 @@ mod tests {
     #[test]
     fn silence_with_nothing_latched_does_nothing() {
         let mut e = engine();
-        assert_eq!(e.step(Input::Silence(Origin::PanelKey), t(1)), Step::default());
-        assert_eq!(e.step(Input::Reset(Origin::PanelKey), t(1)), Step::default());
+        assert_eq!(
+            e.step(Input::Silence(Origin::PanelKey), t(1)),
+            Step::default()
+        );
+        assert_eq!(
+            e.step(Input::Reset(Origin::PanelKey), t(1)),
+            Step::default()
+        );
     }
 
     #[test]
     fn reset_clears_latches_and_asks_for_remote_reset() {
         let mut e = engine();
-        e.step(Input::Reading { detector: 1, reading: reading(DetectorStatus::Alarm) }, t(1));
+        e.step(
+            Input::Reading {
+                detector: 1,
+                reading: reading(DetectorStatus::Alarm),
+            },
+            t(1),
+        );
         let step = e.step(Input::Reset(Origin::Command("r1".into())), t(2));
         assert_eq!(kinds(&step), [EventKind::AlarmReset]);
         assert_eq!(step.events[0].data.devices, vec![DeviceId::from("A-102")]);
         assert!(step.actions.contains(&Action::RemoteReset { detector: 1 }));
-        assert!(matches!(step.actions[0], Action::DriveOutput { .. }), "outputs before the remote reset");
+        assert!(
+            matches!(step.actions[0], Action::DriveOutput { .. }),
+            "outputs before the remote reset"
+        );
         assert!(e.latched().is_empty());
         assert!(!e.output(OutputId::PanelFireLed));
     }
@@ -477,9 +629,21 @@ mod tests {
     #[test]
     fn a_detector_still_in_alarm_after_reset_re_alarms_on_its_next_poll() {
         let mut e = engine();
-        e.step(Input::Reading { detector: 0, reading: reading(DetectorStatus::Alarm) }, t(1));
+        e.step(
+            Input::Reading {
+                detector: 0,
+                reading: reading(DetectorStatus::Alarm),
+            },
+            t(1),
+        );
         e.step(Input::Reset(Origin::PanelKey), t(2));
-        let step = e.step(Input::Reading { detector: 0, reading: reading(DetectorStatus::Alarm) }, t(3));
+        let step = e.step(
+            Input::Reading {
+                detector: 0,
+                reading: reading(DetectorStatus::Alarm),
+            },
+            t(3),
+        );
         assert_eq!(kinds(&step), [EventKind::FireAlarm]);
         assert!(e.output(OutputId::Sounder(0)));
     }
@@ -488,15 +652,45 @@ mod tests {
     fn a_detector_goes_offline_after_offline_after_misses_and_comes_back() {
         let mut e = engine();
         for i in 0..2 {
-            let s = e.step(Input::PollMissed { detector: 2, reason: "timeout".into() }, t(i));
+            let s = e.step(
+                Input::PollMissed {
+                    detector: 2,
+                    reason: "timeout".into(),
+                },
+                t(i),
+            );
             assert!(s.events.is_empty());
         }
-        let step = e.step(Input::PollMissed { detector: 2, reason: "timeout".into() }, t(3));
+        let step = e.step(
+            Input::PollMissed {
+                detector: 2,
+                reason: "timeout".into(),
+            },
+            t(3),
+        );
         assert_eq!(kinds(&step), [EventKind::DeviceOffline]);
-        assert_eq!(step.actions, [Action::DriveOutput { output: OutputId::PanelFaultLed, on: true }]);
-        let more = e.step(Input::PollMissed { detector: 2, reason: "timeout".into() }, t(4));
+        assert_eq!(
+            step.actions,
+            [Action::DriveOutput {
+                output: OutputId::PanelFaultLed,
+                on: true
+            }]
+        );
+        let more = e.step(
+            Input::PollMissed {
+                detector: 2,
+                reason: "timeout".into(),
+            },
+            t(4),
+        );
         assert!(more.events.is_empty(), "offline is reported once");
-        let back = e.step(Input::Reading { detector: 2, reading: reading(DetectorStatus::Normal) }, t(5));
+        let back = e.step(
+            Input::Reading {
+                detector: 2,
+                reading: reading(DetectorStatus::Normal),
+            },
+            t(5),
+        );
         assert_eq!(kinds(&back), [EventKind::DeviceOnline]);
         assert!(!e.output(OutputId::PanelFaultLed));
     }
@@ -506,13 +700,31 @@ mod tests {
         let mut e = engine();
         let mut r = reading(DetectorStatus::Normal);
         r.fault_bits = 0b10;
-        let step = e.step(Input::Reading { detector: 0, reading: r }, t(1));
+        let step = e.step(
+            Input::Reading {
+                detector: 0,
+                reading: r,
+            },
+            t(1),
+        );
         assert_eq!(kinds(&step), [EventKind::DeviceFault]);
         assert_eq!(step.events[0].data.reason.as_deref(), Some("head removed"));
         r.status = DetectorStatus::Alarm;
-        let step = e.step(Input::Reading { detector: 0, reading: r }, t(2));
+        let step = e.step(
+            Input::Reading {
+                detector: 0,
+                reading: r,
+            },
+            t(2),
+        );
         assert_eq!(kinds(&step), [EventKind::FireAlarm]);
-        let step = e.step(Input::Reading { detector: 0, reading: reading(DetectorStatus::Alarm) }, t(3));
+        let step = e.step(
+            Input::Reading {
+                detector: 0,
+                reading: reading(DetectorStatus::Alarm),
+            },
+            t(3),
+        );
         assert_eq!(kinds(&step), [EventKind::DeviceFaultCleared]);
     }
 
@@ -520,7 +732,13 @@ mod tests {
     fn pre_alarm_and_test_never_sound() {
         let mut e = engine();
         for s in [DetectorStatus::PreAlarm, DetectorStatus::Test] {
-            let step = e.step(Input::Reading { detector: 0, reading: reading(s) }, t(1));
+            let step = e.step(
+                Input::Reading {
+                    detector: 0,
+                    reading: reading(s),
+                },
+                t(1),
+            );
             assert!(step.actions.is_empty());
         }
         assert!(e.latched().is_empty());

@@ -7,7 +7,7 @@
 
 pub mod frame;
 pub mod link;
-// pub mod poller; (enabled once link.rs lands)
+pub mod poller;
 pub mod profile;
 
-// pub use poller::{BusPlan, CoilOutput, FieldReport, PolledDetector, WriteRequest};
+pub use poller::{BusPlan, CoilOutput, FieldReport, PolledDetector, WriteRequest};

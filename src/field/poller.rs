@@ -65,11 +65,20 @@ pub struct WriteRequest {
 #[derive(Debug, Clone)]
 pub enum FieldReport {
     /// Detector `detector` answered with `reading` at `at`.
-    Reading { detector: usize, reading: DetectorReading, at: Instant },
+    Reading {
+        detector: usize,
+        reading: DetectorReading,
+        at: Instant,
+    },
     /// Detector `detector` did not answer validly.
     Missed { detector: usize, reason: String },
     /// An output write finished: `ok` when the unit echoed it.
-    OutputWritten { name: String, on: bool, ok: bool, at: Instant },
+    OutputWritten {
+        name: String,
+        on: bool,
+        ok: bool,
+        at: Instant,
+    },
     /// A scan cycle of `bus` ended after `cycle`.
     Cycle { bus: String, cycle: Duration },
 }
@@ -97,7 +106,9 @@ pub fn spawn(
     reports: mpsc::Sender<FieldReport>,
     shutdown: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     std::thread::Builder::new()
         .name(format!("bus-{}", plan.name))
         .spawn(move || rt.block_on(run(plan, reports, shutdown)))
@@ -114,8 +125,23 @@ struct Coil {
 
 /// The bus loop. See the module doc for its invariants.
 pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: CancellationToken) {
-    let BusPlan { name, settings, scan_interval, detectors, coils, wake, mut writes } = plan;
-    let mut coils: Vec<Coil> = coils.into_iter().map(|out| Coil { out, confirmed: None, failed: None }).collect();
+    let BusPlan {
+        name,
+        settings,
+        scan_interval,
+        detectors,
+        coils,
+        wake,
+        mut writes,
+    } = plan;
+    let mut coils: Vec<Coil> = coils
+        .into_iter()
+        .map(|out| Coil {
+            out,
+            confirmed: None,
+            failed: None,
+        })
+        .collect();
     let mut link: Option<Link> = None;
     // The last status of each detector, to see an alarm arrive.
     let mut last_alarm = vec![false; detectors.len()];
@@ -135,7 +161,14 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
                     warn!(bus, error = %e, retry_ms = backoff.as_millis() as u64, "Cannot open bus; retrying.");
                     for d in &detectors {
                         let reason = format!("bus {bus} cannot be opened: {e}");
-                        if reports.send(FieldReport::Missed { detector: d.index, reason }).await.is_err() {
+                        if reports
+                            .send(FieldReport::Missed {
+                                detector: d.index,
+                                reason,
+                            })
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -169,23 +202,38 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
             };
             let report = match l.call(d.unit, &request).await {
                 Ok(Ok(Response::Registers(regs))) => match profile::decode(&d.profile, &regs) {
-                    Ok(reading) => FieldReport::Reading { detector: d.index, reading, at: Instant::now() },
-                    Err(e) => FieldReport::Missed { detector: d.index, reason: e.to_string() },
+                    Ok(reading) => FieldReport::Reading {
+                        detector: d.index,
+                        reading,
+                        at: Instant::now(),
+                    },
+                    Err(e) => FieldReport::Missed {
+                        detector: d.index,
+                        reason: e.to_string(),
+                    },
                 },
-                Ok(Ok(other)) => {
-                    FieldReport::Missed { detector: d.index, reason: format!("unexpected reply {other:?}") }
-                }
-                Ok(Err(exception)) => {
-                    FieldReport::Missed { detector: d.index, reason: format!("exception: {exception}") }
-                }
+                Ok(Ok(other)) => FieldReport::Missed {
+                    detector: d.index,
+                    reason: format!("unexpected reply {other:?}"),
+                },
+                Ok(Err(exception)) => FieldReport::Missed {
+                    detector: d.index,
+                    reason: format!("exception: {exception}"),
+                },
                 Err(link::Error::Io(e)) => {
                     warn!(bus, error = %e, "Bus I/O failed; reopening.");
                     broken = true;
-                    FieldReport::Missed { detector: d.index, reason: format!("bus I/O error: {e}") }
+                    FieldReport::Missed {
+                        detector: d.index,
+                        reason: format!("bus I/O error: {e}"),
+                    }
                 }
                 Err(e) => {
                     debug!(bus, unit = d.unit.0, error = %e, "Poll failed.");
-                    FieldReport::Missed { detector: d.index, reason: e.to_string() }
+                    FieldReport::Missed {
+                        detector: d.index,
+                        reason: e.to_string(),
+                    }
                 }
             };
             let alarm_arrived = match &report {
@@ -219,7 +267,14 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
             continue;
         }
         let cycle = cycle_start.elapsed();
-        if reports.send(FieldReport::Cycle { bus: name.clone(), cycle }).await.is_err() {
+        if reports
+            .send(FieldReport::Cycle {
+                bus: name.clone(),
+                cycle,
+            })
+            .await
+            .is_err()
+        {
             return;
         }
         // Idle until the next scan is due, but write outputs at once when they change.
@@ -257,7 +312,10 @@ async fn service_outputs(
         if c.confirmed == Some(on) || c.failed == Some(on) {
             continue;
         }
-        let request = Request::WriteSingleCoil { address: c.out.coil, on };
+        let request = Request::WriteSingleCoil {
+            address: c.out.coil,
+            on,
+        };
         let result = link.call(c.out.unit, &request).await;
         let at = Instant::now();
         let ok = matches!(result, Ok(Ok(_)));
@@ -271,7 +329,12 @@ async fn service_outputs(
             warn!(bus, output = %c.out.name, on, result = ?result.as_ref().map(|r| r.as_ref().map(|_| ())), "Output write failed; retrying in the next scan cycle.");
         }
         // Reports are best effort here: the engine loop may be gone at shutdown.
-        let _ = reports.try_send(FieldReport::OutputWritten { name: c.out.name.clone(), on, ok, at });
+        let _ = reports.try_send(FieldReport::OutputWritten {
+            name: c.out.name.clone(),
+            on,
+            ok,
+            at,
+        });
         if let Err(link::Error::Io(e)) = result {
             return Err(e);
         }
@@ -279,7 +342,9 @@ async fn service_outputs(
     while let Ok(w) = writes.try_recv() {
         match link.call(w.unit, &w.request).await {
             Ok(Ok(_)) => debug!(bus, unit = w.unit.0, "Write done."),
-            Ok(Err(ex)) => warn!(bus, unit = w.unit.0, exception = %ex, "Write refused by the unit."),
+            Ok(Err(ex)) => {
+                warn!(bus, unit = w.unit.0, exception = %ex, "Write refused by the unit.");
+            }
             Err(link::Error::Io(e)) => return Err(e),
             Err(e) => warn!(bus, unit = w.unit.0, error = %e, "Write failed."),
         }

@@ -21,7 +21,10 @@ pub enum DecodeError {
 pub fn decode(profile: &SmokeProfile, registers: &[u16]) -> Result<DetectorReading, DecodeError> {
     let want = usize::from(profile.register_count);
     if registers.len() != want {
-        return Err(DecodeError::WrongCount { got: registers.len(), want });
+        return Err(DecodeError::WrongCount {
+            got: registers.len(),
+            want,
+        });
     }
     let at = |offset: u16| registers.get(usize::from(offset)).copied();
     let raw = at(profile.status_offset).unwrap_or(u16::MAX);
@@ -40,8 +43,15 @@ pub fn decode(profile: &SmokeProfile, registers: &[u16]) -> Result<DetectorReadi
         // Unknown status value: report a fault rather than guess.
         DetectorStatus::Fault
     };
-    let smoke_db_per_m = profile.density.and_then(|(offset, scale)| at(offset).map(|v| f32::from(v) * scale));
-    Ok(DetectorReading { status, smoke_db_per_m, fault_bits, heartbeat: profile.heartbeat_offset.and_then(at) })
+    let smoke_db_per_m = profile
+        .density
+        .and_then(|(offset, scale)| at(offset).map(|v| f32::from(v) * scale));
+    Ok(DetectorReading {
+        status,
+        smoke_db_per_m,
+        fault_bits,
+        heartbeat: profile.heartbeat_offset.and_then(at),
+    })
 }
 
 #[cfg(test)]
@@ -57,13 +67,24 @@ mod tests {
         assert_eq!(r.heartbeat, Some(7));
         let r = decode(&p, &[0, 0, 0b10, 8]).unwrap();
         assert_eq!((r.status, r.fault_bits), (DetectorStatus::Normal, 0b10));
-        assert_eq!(decode(&p, &[3, 0, 0, 0]).unwrap().status, DetectorStatus::PreAlarm);
-        assert_eq!(decode(&p, &[4, 0, 0, 0]).unwrap().status, DetectorStatus::Test);
+        assert_eq!(
+            decode(&p, &[3, 0, 0, 0]).unwrap().status,
+            DetectorStatus::PreAlarm
+        );
+        assert_eq!(
+            decode(&p, &[4, 0, 0, 0]).unwrap().status,
+            DetectorStatus::Test
+        );
     }
 
     #[test]
     fn an_unknown_status_value_is_a_fault() {
-        assert_eq!(decode(&SmokeProfile::generic_smoke(), &[99, 0, 0, 0]).unwrap().status, DetectorStatus::Fault);
+        assert_eq!(
+            decode(&SmokeProfile::generic_smoke(), &[99, 0, 0, 0])
+                .unwrap()
+                .status,
+            DetectorStatus::Fault
+        );
     }
 
     #[test]
