@@ -64,6 +64,17 @@ done
 
 "$RUSTC_DEB" --version
 "$CARGO_DEB" --version
+# Debian's std for each target must be the very version of rustc-web: a mirror that is missing
+# one architecture's bookworm-security index leaves that arch at bookworm's older rustc-web.
+host_ver=$(dpkg-query -W -f '${Version}' rustc-web 2>/dev/null || echo none)
+for t in "${targets[@]}"; do
+    v=$(dpkg-query -W -f '${Version}' "libstd-rust-web-dev:${DEBARCH[$t]}" 2>/dev/null || echo none)
+    if [ "$v" != "$host_ver" ]; then
+        echo "libstd-rust-web-dev:${DEBARCH[$t]} is $v but rustc-web is $host_ver: they must match." >&2
+        echo "apt-cache policy libstd-rust-web-dev:${DEBARCH[$t]} rustc-web; see cross/README.md." >&2
+        exit 1
+    fi
+done
 rust_version=$(sed -n 's/^rust-version *= *"\(.*\)"/\1/p' Cargo.toml)
 echo "Cargo.toml rust-version: ${rust_version:-unset}"
 
