@@ -21,6 +21,12 @@ use crate::uplink::UplinkTap;
 
 const RELAY: UnitId = UnitId(100);
 
+/// Keeps the embedded broker running for the demo, when this build has one.
+#[cfg(feature = "embedded-broker")]
+type BrokerGuard = crate::broker::BrokerHandle;
+#[cfg(not(feature = "embedded-broker"))]
+type BrokerGuard = ();
+
 /// Runs the demo; `broker` is an `mqtt://host:port` URL or `None` for the embedded broker.
 ///
 /// # Errors
@@ -67,12 +73,15 @@ pub async fn run(
     );
 
     let (url, _broker) = match broker {
-        Some(url) => (url, None),
+        Some(url) => (url, None::<BrokerGuard>),
+        #[cfg(feature = "embedded-broker")]
         None => {
             let b = crate::broker::start(0).context("cannot start the embedded MQTT broker")?;
             let url = format!("mqtt://127.0.0.1:{}", b.port());
             (url, Some(b))
         }
+        #[cfg(not(feature = "embedded-broker"))]
+        None => bail!("this build has no embedded MQTT broker (feature embedded-broker); pass --broker mqtt://host:port"),
     };
     say("broker", format!("MQTT broker at {url}"));
 

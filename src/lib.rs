@@ -31,6 +31,7 @@
 //! - [`broker`]: the embedded MQTT broker of the demo and the tests.
 //! - [`daemon`]: the wiring; [`demo`]: the guided scenario.
 
+#[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod config;
 pub mod daemon;

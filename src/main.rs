@@ -11,7 +11,7 @@ use tracing::error;
 use village_gateway::config::{Config, EXIT_BAD_CONFIG};
 use village_gateway::event::UnitId;
 use village_gateway::sim::{SimProfile, Simulator};
-use village_gateway::{broker, daemon, demo};
+use village_gateway::{daemon, demo};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -67,6 +67,7 @@ enum Command {
         detectors: u8,
     },
     /// Run the embedded MQTT broker (for demos and tests) on 127.0.0.1:PORT.
+    #[cfg(feature = "embedded-broker")]
     #[command(hide = true)]
     Broker {
         #[arg(long, default_value_t = 1883)]
@@ -140,7 +141,8 @@ fn main() -> ExitCode {
         Command::Demo { broker, detectors } => {
             runtime_main(|shutdown| demo::run(broker, detectors, shutdown))
         }
-        Command::Broker { port } => match broker::run_forever(port) {
+        #[cfg(feature = "embedded-broker")]
+        Command::Broker { port } => match village_gateway::broker::run_forever(port) {
             Ok(never) => match never {},
             Err(e) => {
                 error!(error = %format!("{e:#}"), "Broker failed.");

@@ -661,5 +661,5 @@ async fn ask_daemon(
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "embedded-broker"))]
 mod tests;
