@@ -6,6 +6,7 @@
 #   cross/build.sh aarch64         # Pi 3/4/5 with a 64-bit OS
 #   cross/build.sh armv7           # Pi 2/3/4 with a 32-bit (armhf) OS
 #   INSTALL=0 cross/build.sh       # do not apt-get install (packages already there)
+#   FEATURES="--features embedded-broker" cross/build.sh   # with the embedded broker (demo)
 #
 # Output: target/cross/<triple>/release/village-gateway (+ a copy in target/cross/dist/).
 # The result needs glibc >= 2.34 on the Pi (Raspberry Pi OS Bookworm or later).
@@ -85,7 +86,10 @@ for t in "${targets[@]}"; do
     triple=${TRIPLE[$t]}
     echo "=== $triple"
     start=$SECONDS
-    RUSTC="$RUSTC_DEB" "$CARGO_DEB" build --locked --release --target "$triple"
+    # The Pi build leaves out default features (the embedded broker, for demos and tests, pulls
+    # C via psm): only ring is C in what ships.
+    # shellcheck disable=SC2086 # FEATURES holds cargo arguments
+    RUSTC="$RUSTC_DEB" "$CARGO_DEB" build --locked --release --target "$triple" --no-default-features ${FEATURES:-}
     bin="$CARGO_TARGET_DIR/$triple/release/village-gateway"
     cp "$bin" "$CARGO_TARGET_DIR/dist/village-gateway-$triple"
     echo "built $bin in $((SECONDS - start)) s"
