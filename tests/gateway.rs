@@ -60,7 +60,6 @@ impl Subscriber {
                 }
             }
         });
-        // Wait for the SUBACK so nothing published after this is missed.
         Subscriber { events, client }
     }
 
@@ -293,6 +292,42 @@ async fn wait_for_port(port: u16) {
     .expect("broker did not start listening");
 }
 
+/// A TCP gate between the gateway and the broker: closed, it drops every connection at once,
+/// so the test decides when the gateway may reach a restarted broker (after the test's own
+/// subscriber is in place).
+struct Gate {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gate {
+    async fn start(broker_port: u16) -> Gate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let gate = open.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !gate.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut broker) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                    }
+                });
+            }
+        });
+        Gate { port, open }
+    }
+
+    fn set(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_stopped_and_restarted_loses_no_event_and_keeps_seq_order() {
     let sim = village(4);
@@ -300,16 +335,13 @@ async fn the_broker_stopped_and_restarted_loses_no_event_and_keeps_seq_order() {
     let port = free_port();
     let broker = BrokerProcess::start(port);
     wait_for_port(port).await;
+    let gate = Gate::start(port).await;
     let state = tempfile::tempdir().unwrap();
-    let url = format!("mqtt://127.0.0.1:{port}");
+    let url = format!("mqtt://127.0.0.1:{}", gate.port);
     let config = Config::simulated_village(&[pty.path().to_owned()], 4, &url, state.path());
     let (tap_tx, mut tap) = broadcast::channel(4096);
     let stop = CancellationToken::new();
     let gw = tokio::spawn(daemon::run(config, stop.clone(), Some(tap_tx)));
-    until(&mut tap, Duration::from_secs(10), "connected", |t| {
-        matches!(t, Tap::Uplink(UplinkTap::Connected))
-    })
-    .await;
     until(
         &mut tap,
         Duration::from_secs(10),
@@ -326,6 +358,8 @@ async fn the_broker_stopped_and_restarted_loses_no_event_and_keeps_seq_order() {
     )
     .await;
 
+    // The broker process is killed: the gateway loses its connection.
+    gate.set(false);
     drop(broker);
     until(&mut tap, Duration::from_secs(10), "disconnected", |t| {
         matches!(t, Tap::Uplink(UplinkTap::Disconnected { .. }))
@@ -351,39 +385,55 @@ async fn the_broker_stopped_and_restarted_loses_no_event_and_keeps_seq_order() {
             last_seq = seq.0;
         }
     }
-    assert!(
-        last_seq >= 7,
-        "gateway.started plus six events stored, got {last_seq}"
+    assert_eq!(
+        last_seq, 7,
+        "gateway.started (1) and six events stored while the broker was down"
     );
 
+    // A new broker process; the upstream subscriber is in place before the gateway may connect.
     let _broker = BrokerProcess::start(port);
     wait_for_port(port).await;
     let mut sub = Subscriber::connect(port, "it-restart").await;
-    // The subscriber comes up with the broker; the gateway resends everything unacknowledged.
-    // Events acknowledged before the stop are not resent, so collect what arrives and check
-    // that every seq after the last one acknowledged before the stop arrives, in order.
-    let mut seen: BTreeMap<u64, String> = BTreeMap::new();
-    let mut order = Vec::new();
+    wait_subscribed(&sub).await;
+    sub.next_of("probe", Duration::from_secs(10)).await;
+    gate.set(true);
+
+    // Every event stored during the outage arrives (duplicates allowed), in seq order.
+    let mut arrived: Vec<(u64, String)> = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), async {
-        while !(2..=last_seq).all(|s| seen.contains_key(&s)) {
+        while !(2..=last_seq).all(|s| arrived.iter().any(|(seq, _)| *seq == s)) {
             let v = sub.events.recv().await.unwrap();
-            let seq = v["seq"].as_u64().unwrap();
-            order.push(seq);
-            seen.insert(seq, v["type"].as_str().unwrap().to_owned());
+            arrived.push((
+                v["seq"].as_u64().unwrap(),
+                v["type"].as_str().unwrap().to_owned(),
+            ));
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("missing events after the broker restart; got {seen:?}"));
-    let first_seen: Vec<u64> = order.iter().copied().fold(Vec::new(), |mut v, s| {
-        if !v.contains(&s) {
-            v.push(s);
+    .unwrap_or_else(|_| panic!("events missing after the broker restart; got {arrived:?}"));
+    let mut first_arrivals: Vec<u64> = Vec::new();
+    for (seq, _) in &arrived {
+        if !first_arrivals.contains(seq) {
+            first_arrivals.push(*seq);
         }
-        v
-    });
-    let mut sorted = first_seen.clone();
-    sorted.sort_unstable();
-    assert_eq!(first_seen, sorted, "fire-lane events arrive in seq order");
-    assert_eq!(seen.get(&2).map(String::as_str), Some("fire.alarm"));
+    }
+    assert_eq!(
+        first_arrivals,
+        (2..=last_seq).collect::<Vec<_>>(),
+        "fire-lane events arrive in seq order"
+    );
+    let kinds: BTreeMap<u64, &str> = arrived.iter().map(|(s, k)| (*s, k.as_str())).collect();
+    assert_eq!(
+        kinds.values().copied().collect::<Vec<_>>(),
+        [
+            "fire.alarm",
+            "fire.restored",
+            "fire.alarm",
+            "fire.restored",
+            "device.fault",
+            "device.fault_cleared"
+        ]
+    );
     stop.cancel();
     gw.await.unwrap().unwrap();
 }
