@@ -67,32 +67,9 @@ pub struct Store {
     pub max_bytes: u64,
 }
 
-/// Serial parity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Parity {
-    None,
-    Even,
-    Odd,
-}
-
-/// How a bus is reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BusTransport {
-    /// Modbus RTU on a serial port (RS-485).
-    Rtu {
-        port: String,
-        /// Bits per second.
-        baud: u32,
-        parity: Parity,
-        /// 1 or 2.
-        stop_bits: u8,
-        /// The adapter echoes what it transmits (read back and discarded).
-        echo: bool,
-    },
-    /// Modbus TCP (an RS-485/Ethernet converter), `host:port`.
-    Tcp { addr: String },
-}
+/// The serial parity and the transport of a bus are the field layer's own types: the config
+/// produces exactly what [`crate::field::link::Link::open`] takes.
+pub use crate::field::link::{Parity, Transport as BusTransport};
 
 /// `[[bus]]`.
 #[derive(Debug, Clone)]

@@ -18,12 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{BusTransport, Config, OutputSpec, Parity};
+use crate::config::{Config, OutputSpec};
 use crate::engine::fire::{DetectorSpec, Origin, PanelSpec, SounderSpec};
 use crate::engine::{Action, FireEngine, Input, OutputId, Step};
 use crate::event::{CommandKind, Event, EventData, EventKind, Seq, Status, UnitId};
 use crate::field::frame::Request;
-use crate::field::link::{self, LinkSettings};
+use crate::field::link::LinkSettings;
 use crate::field::{poller, BusPlan, CoilOutput, FieldReport, PolledDetector, WriteRequest};
 use crate::outputs::{self, GpioOutput};
 use crate::store::Store;
@@ -474,28 +474,8 @@ fn output_specs(config: &Config) -> Vec<(OutputId, String, &OutputSpec)> {
 
 /// The link settings of a configured bus.
 pub fn link_settings(bus: &crate::config::Bus) -> LinkSettings {
-    let transport = match &bus.transport {
-        BusTransport::Rtu {
-            port,
-            baud,
-            parity,
-            stop_bits,
-            echo,
-        } => link::Transport::Rtu {
-            port: port.clone(),
-            baud: *baud,
-            parity: match parity {
-                Parity::None => link::Parity::None,
-                Parity::Even => link::Parity::Even,
-                Parity::Odd => link::Parity::Odd,
-            },
-            stop_bits: *stop_bits,
-            echo: *echo,
-        },
-        BusTransport::Tcp { addr } => link::Transport::Tcp { addr: addr.clone() },
-    };
     LinkSettings {
-        transport,
+        transport: bus.transport.clone(),
         timeout: bus.timeout,
         turnaround: bus.turnaround,
     }

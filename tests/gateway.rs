@@ -78,6 +78,27 @@ impl Subscriber {
     }
 }
 
+/// The daemon running in this process, with its tap.
+struct Gateway {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Gateway {
+    fn start(config: Config) -> (Gateway, broadcast::Receiver<Tap>) {
+        let (tap_tx, tap) = broadcast::channel(4096);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(daemon::run(config, stop.clone(), Some(tap_tx)));
+        (Gateway { stop, task }, tap)
+    }
+
+    /// Stops the daemon as SIGTERM would and checks that it ends cleanly.
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 async fn until(
     tap: &mut broadcast::Receiver<Tap>,
     limit: Duration,
@@ -126,9 +147,7 @@ async fn a_detector_alarm_reaches_the_sounder_coil_and_the_broker() {
     wait_subscribed(&sub).await;
     sub.next_of("probe", Duration::from_secs(10)).await;
 
-    let (tap_tx, mut tap) = broadcast::channel(4096);
-    let stop = CancellationToken::new();
-    let gw = tokio::spawn(daemon::run(config, stop.clone(), Some(tap_tx)));
+    let (gw, mut tap) = Gateway::start(config);
     let mut coils = sim.subscribe();
     until(&mut tap, Duration::from_secs(10), "a first scan", |t| {
         matches!(
@@ -184,8 +203,7 @@ async fn a_detector_alarm_reaches_the_sounder_coil_and_the_broker() {
         "silence never clears the fire LED"
     );
 
-    stop.cancel();
-    gw.await.unwrap().unwrap();
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,9 +214,7 @@ async fn a_dead_detector_goes_offline_and_lights_the_fault_led() {
     let state = tempfile::tempdir().unwrap();
     let url = format!("mqtt://127.0.0.1:{}", broker.port());
     let config = Config::simulated_village(&[pty.path().to_owned()], 3, &url, state.path());
-    let (tap_tx, mut tap) = broadcast::channel(4096);
-    let stop = CancellationToken::new();
-    let gw = tokio::spawn(daemon::run(config, stop.clone(), Some(tap_tx)));
+    let (gw, mut tap) = Gateway::start(config);
 
     sim.set_offline(UnitId(2), true);
     let t = until(
@@ -221,8 +237,7 @@ async fn a_dead_detector_goes_offline_and_lights_the_fault_led() {
         |t| matches!(t, Tap::Raised(e) if e.kind == EventKind::DeviceOnline),
     )
     .await;
-    stop.cancel();
-    gw.await.unwrap().unwrap();
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,14 +254,11 @@ async fn a_detector_on_modbus_tcp_is_polled_like_a_serial_one() {
     config.buses[0].transport = BusTransport::Tcp {
         addr: addr.to_string(),
     };
-    let (tap_tx, mut tap) = broadcast::channel(4096);
-    let stop = CancellationToken::new();
-    let gw = tokio::spawn(daemon::run(config, stop.clone(), Some(tap_tx)));
+    let (gw, mut tap) = Gateway::start(config);
     sim.set_smoke(UnitId(1), SmokeState::Alarm);
     until(&mut tap, Duration::from_secs(10), "sounder on over TCP", |t| matches!(t, Tap::Field(village_gateway::field::FieldReport::OutputWritten { name, on: true, ok: true, .. }) if name == "A-sounder")).await;
     assert_eq!(sim.coil(RELAY, 0), Some(true));
-    stop.cancel();
-    gw.await.unwrap().unwrap();
+    gw.stop().await;
 }
 
 /// A broker in a child process, so it can really be stopped and started again.
@@ -339,9 +351,7 @@ async fn the_broker_stopped_and_restarted_loses_no_event_and_keeps_seq_order() {
     let state = tempfile::tempdir().unwrap();
     let url = format!("mqtt://127.0.0.1:{}", gate.port);
     let config = Config::simulated_village(&[pty.path().to_owned()], 4, &url, state.path());
-    let (tap_tx, mut tap) = broadcast::channel(4096);
-    let stop = CancellationToken::new();
-    let gw = tokio::spawn(daemon::run(config, stop.clone(), Some(tap_tx)));
+    let (gw, mut tap) = Gateway::start(config);
     until(
         &mut tap,
         Duration::from_secs(10),
@@ -434,8 +444,7 @@ async fn the_broker_stopped_and_restarted_loses_no_event_and_keeps_seq_order() {
             "device.fault_cleared"
         ]
     );
-    stop.cancel();
-    gw.await.unwrap().unwrap();
+    gw.stop().await;
 }
 
 fn check_config(text: &str, dir: &Path) -> std::process::Output {

@@ -39,8 +39,9 @@ use super::frame::{
 };
 use crate::event::UnitId;
 
-/// Parity of a serial line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Parity of a serial line (`parity = "none" | "even" | "odd"` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Parity {
     None,
     Even,
