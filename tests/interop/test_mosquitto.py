@@ -176,7 +176,7 @@ def test(procs) -> None:
                 procs.stop("gateway", signal.SIGKILL)
             else:
                 gateway.send_signal(signal.SIGSTOP)
-            m = obs.wait_status(False, 3 * KEEP_ALIVE_S + 10, mark=mark, logs=logs)
+            m = obs.wait_status(False, 3 * KEEP_ALIVE_S + 15, mark=mark, logs=logs)
             after = m.t - t0
             log(f"will arrived {after:.1f} s after {how.name}: {m.payload.decode()}")
             if m.json != {"online": False}:
