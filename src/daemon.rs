@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, OutputSpec};
 use crate::engine::fire::{DetectorSpec, Origin, PanelSpec, SounderSpec};
-use crate::engine::{Action, FireEngine, Input, OutputId, Step};
+use crate::engine::{Action, FireEngine, Input, Latched, OutputId, Step};
 use crate::event::{CommandKind, Event, EventData, EventKind, Seq, Status, UnitId};
 use crate::field::frame::Request;
 use crate::field::link::LinkSettings;
@@ -92,6 +92,12 @@ pub async fn run(
             }),
         );
     }
+    let restored = restore_latched(&store, &mut engine);
+    if !restored.is_empty() {
+        started_data
+            .extra
+            .insert("restored_fire_alarms".into(), serde_json::json!(restored));
+    }
     let mut start_events = vec![Event::new(EventKind::GatewayStarted, started, started_data)];
 
     // One wanted level per output; the bus's poller or a GPIO driver follows it.
@@ -99,10 +105,11 @@ pub async fn run(
     let mut levels: HashMap<OutputId, Level> = HashMap::new();
     let mut plans: Vec<BusPlan> = Vec::new();
     let mut writers: Vec<mpsc::UnboundedSender<WriteRequest>> = Vec::new();
-    let mut wakes: Vec<Arc<Notify>> = Vec::new();
+    let mut wakes: Vec<Arc<watch::Sender<u64>>> = Vec::new();
     for bus in &config.buses {
         let (tx, rx) = mpsc::unbounded_channel();
-        let wake = Arc::new(Notify::new());
+        let (wake, wake_rx) = watch::channel(0u64);
+        let wake = Arc::new(wake);
         writers.push(tx);
         wakes.push(wake.clone());
         plans.push(BusPlan {
@@ -111,7 +118,7 @@ pub async fn run(
             scan_interval: bus.scan_interval,
             detectors: Vec::new(),
             coils: Vec::new(),
-            wake,
+            wake: wake_rx,
             writes: rx,
         });
     }
@@ -186,7 +193,7 @@ pub async fn run(
 
     // The store writer: a thread of its own, so an fsync never delays the engine loop.
     let wake_uplink = Arc::new(Notify::new());
-    let (event_tx, event_rx) = mpsc::unbounded_channel::<Event>();
+    let (event_tx, event_rx) = mpsc::unbounded_channel::<ToStore>();
     let writer = {
         let store = store.clone();
         let wake = wake_uplink.clone();
@@ -231,7 +238,8 @@ pub async fn run(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let watchdog = sd_notify::watchdog_enabled().is_some();
 
-    let actuator = Actuator {
+    let mut actuator = Actuator {
+        saved: engine.latched_state(),
         levels,
         writers,
         wakes,
@@ -347,23 +355,25 @@ pub async fn run(
 struct Actuator {
     levels: HashMap<OutputId, Level>,
     writers: Vec<mpsc::UnboundedSender<WriteRequest>>,
-    wakes: Vec<Arc<Notify>>,
+    wakes: Vec<Arc<watch::Sender<u64>>>,
     /// Per detector: its bus, unit and remote reset register.
     resets: Vec<(usize, UnitId, Option<u16>)>,
     tap: Option<broadcast::Sender<Tap>>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<ToStore>,
+    /// The latched state last handed to the store.
+    saved: Latched,
     status: watch::Sender<Status>,
 }
 
 impl Actuator {
-    fn apply(&self, step: Step, engine: &FireEngine) {
+    fn apply(&mut self, step: Step, engine: &FireEngine) {
         for action in step.actions {
             match action {
                 Action::DriveOutput { output, on } => {
                     if let Some(level) = self.levels.get(&output) {
                         level.tx.send_replace(on);
                         if let Some(w) = &level.wake {
-                            w.notify_one();
+                            bump(w);
                         }
                         self.tap(|| Tap::OutputWanted {
                             output: level.name.clone(),
@@ -376,18 +386,26 @@ impl Actuator {
                     if let Some(&(bus, unit, Some(address))) = self.resets.get(detector) {
                         let request = Request::WriteSingleRegister { address, value: 1 };
                         let _ = self.writers[bus].send(WriteRequest { unit, request });
-                        self.wakes[bus].notify_one();
+                        bump(&self.wakes[bus]);
                     }
                 }
             }
+        }
+        // The latched state goes to the store before the events: once an event counts as
+        // stored, the alarm it reports survives a restart too.
+        let latched = engine.latched_state();
+        if latched != self.saved {
+            self.saved = latched.clone();
+            let _ = self.events.send(ToStore::Latched(latched));
         }
         for event in step.events {
             log_event(&event);
             self.tap(|| Tap::Raised(event.clone()));
             // Unbounded on purpose: the engine must never wait for the disk; events are rare
             // (state changes only), so the queue stays small.
-            let _ = self.events.send(event);
+            let _ = self.events.send(ToStore::Event(event));
         }
+
         self.status.send_if_modified(|s| {
             let active = engine.latched();
             let faults = engine.faults();
@@ -408,11 +426,16 @@ impl Actuator {
     }
 }
 
+/// Tells a bus's poller that a wanted level changed or a write is queued.
+fn bump(wake: &watch::Sender<u64>) {
+    wake.send_modify(|g| *g = g.wrapping_add(1));
+}
+
 /// An output's wanted level, its name, and the bus to wake when it changes.
 struct Level {
     name: String,
     tx: watch::Sender<bool>,
-    wake: Option<Arc<Notify>>,
+    wake: Option<Arc<watch::Sender<u64>>>,
 }
 
 fn build_engine(config: &Config) -> FireEngine {
@@ -524,15 +547,70 @@ fn log_event(e: &Event) {
     }
 }
 
-/// Appends every event the engine raised, in order, then wakes the uplink. Ends when the
-/// engine loop has dropped its sender and the queue is drained.
+/// What the engine loop hands to the store writer, in order.
+#[derive(Debug)]
+enum ToStore {
+    Event(Event),
+    /// The latched alarms changed: keep them for a restart.
+    Latched(Latched),
+}
+
+/// The key of the latched alarms among the store's state records.
+const LATCHED_KEY: &str = "fire.latched";
+
+/// Restores the alarms latched before a restart into `engine`; returns their ids.
+/// A record that cannot be read is logged and ignored: the detectors still in alarm latch
+/// again on their first poll.
+fn restore_latched(store: &Store, engine: &mut FireEngine) -> Vec<crate::event::DeviceId> {
+    let record = match store.load_state(LATCHED_KEY) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Vec::new(),
+        Err(e) => {
+            error!(error = %e, "Latched alarms from before the restart cannot be read.");
+            return Vec::new();
+        }
+    };
+    match serde_json::from_slice::<Latched>(&record) {
+        Ok(latched) => {
+            let restored = engine.restore(&latched);
+            if !restored.is_empty() {
+                let ids: Vec<&str> = restored.iter().map(|d| d.0.as_str()).collect();
+                warn!(alarms = ?ids, silenced = latched.silenced, "Fire alarms latched before the restart are still latched.");
+            }
+            restored
+        }
+        Err(e) => {
+            error!(error = %e, "Latched alarms from before the restart are unreadable; ignored.");
+            Vec::new()
+        }
+    }
+}
+
+/// Appends every event the engine raised, in order, then wakes the uplink, and keeps the
+/// latched alarms. Ends when the engine loop has dropped its sender and the queue is drained.
 fn store_writer(
     store: &Store,
-    mut events: mpsc::UnboundedReceiver<Event>,
+    mut queue: mpsc::UnboundedReceiver<ToStore>,
     wake: &Notify,
     tap: Option<&broadcast::Sender<Tap>>,
 ) {
-    while let Some(event) = events.blocking_recv() {
+    while let Some(item) = queue.blocking_recv() {
+        let event = match item {
+            ToStore::Event(event) => event,
+            ToStore::Latched(latched) => {
+                let saved = serde_json::to_vec(&latched)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| {
+                        store
+                            .save_state(LATCHED_KEY, &bytes)
+                            .map_err(|e| e.to_string())
+                    });
+                if let Err(e) = saved {
+                    error!(error = %e, "Latched alarms could not be saved; a restart would forget them.");
+                }
+                continue;
+            }
+        };
         let kind = event.kind;
         match store.append(&event) {
             Ok(seq) => {

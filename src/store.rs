@@ -32,8 +32,11 @@
 //!   from several tasks at once. They block on disk I/O (an `fdatasync` for urgent appends, a few
 //!   ms on an SD card): call them where blocking that long is acceptable.
 //!
+//! - **State records** ([`Store::save_state`]): small records beside the outbox (the engine's
+//!   latched alarms), durable when `save_state` returns.
+//!
 //! Not done here (yet): the byte budget and eviction of low lanes (`[store] max_bytes`), card
-//! lists and latched state, quarantining a database that fails *after* opening. The layout leaves
+//! lists, quarantining a database that fails *after* opening. The layout leaves
 //! room for them: more trees, the lane byte in every key.
 
 use std::fs::{File, OpenOptions};
@@ -55,6 +58,8 @@ const CACHE_CAPACITY_BYTES: u64 = 16 * 1024 * 1024;
 const FLUSH_EVERY_MS: u64 = 500;
 /// Key of the next seq to assign in the `meta` tree (big-endian u64).
 const NEXT_SEQ_KEY: &[u8] = b"next_seq";
+/// Prefix of state records in the `meta` tree (beside `next_seq`).
+const STATE_PREFIX: &str = "state/";
 /// Every lane, in drain order.
 const LANES: [Lane; 3] = [Lane::Urgent, Lane::Access, Lane::Routine];
 
@@ -299,6 +304,24 @@ impl Store {
         })
     }
 
+    /// Saves the small state record `key` (the engine's latched alarms) and makes it durable
+    /// (flush plus `fdatasync`) before returning, like an urgent event.
+    ///
+    /// # Errors
+    /// sled or the `fdatasync` failed.
+    pub fn save_state(&self, key: &str, value: &[u8]) -> Result<(), Error> {
+        self.inner.meta.insert(state_key(key), value)?;
+        self.flush()
+    }
+
+    /// The state record `key`, if one was saved.
+    ///
+    /// # Errors
+    /// sled failed.
+    pub fn load_state(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.inner.meta.get(state_key(key))?.map(|v| v.to_vec()))
+    }
+
     /// Writes everything to disk: sled's flush plus an `fdatasync` of its data file.
     ///
     /// # Errors
@@ -432,6 +455,10 @@ fn decode_key(k: &[u8]) -> Option<Seq> {
 
 fn decode_u64(raw: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(raw).ok().map(u64::from_be_bytes)
+}
+
+fn state_key(key: &str) -> Vec<u8> {
+    format!("{STATE_PREFIX}{key}").into_bytes()
 }
 
 #[cfg(test)]

@@ -447,6 +447,117 @@ async fn the_broker_stopped_and_restarted_loses_no_event_and_keeps_seq_order() {
     gw.stop().await;
 }
 
+/// A config file for one simulated bus (detectors 1..=`detectors`, relay module at unit 100:
+/// coil 0 the sounder, coil 5 the panel fire LED).
+fn write_config(
+    dir: &Path,
+    port: &str,
+    detectors: u8,
+    broker_port: u16,
+    state: &Path,
+) -> std::path::PathBuf {
+    let mut text = format!(
+        "[gateway]\nid = \"demo\"\nstate_dir = \"{}\"\n[uplink]\nurl = \"mqtt://127.0.0.1:{broker_port}\"\n\
+         [[bus]]\nname = \"a\"\nrtu = {{ port = \"{port}\", baud = 9600 }}\n\
+         [[sounder]]\nid = \"A-sounder\"\nzones = [\"A\"]\noutput = {{ bus = \"a\", unit = 100, coil = 0 }}\n\
+         [panel]\nfire_led = {{ bus = \"a\", unit = 100, coil = 5 }}\n",
+        state.display()
+    );
+    for u in 1..=detectors {
+        text.push_str(&format!(
+            "[[detector]]\nid = \"A-{}\"\nbus = \"a\"\nunit = {u}\nzone = \"A\"\n",
+            100 + u16::from(u)
+        ));
+    }
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Waits until the simulator has received a write of `on` to the relay's `coil`.
+async fn coil_written(
+    events: &mut broadcast::Receiver<village_gateway::sim::SimEvent>,
+    coil: u16,
+    on: bool,
+    what: &str,
+) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let e = events.recv().await.unwrap();
+            if e.unit == RELAY && e.what == (SimChange::CoilWritten { address: coil, on }) {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} was not written within 10 s"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latched_alarm_survives_a_kill_9_and_sounds_again_after_the_restart() {
+    let broker = village_gateway::broker::start(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut sub = Subscriber::connect(broker.port(), "it-restart-fire").await;
+    wait_subscribed(&sub).await;
+    sub.next_of("probe", Duration::from_secs(10)).await;
+
+    // First life: smoke in A-102, the sounder sounds, the smoke clears (the alarm stays latched).
+    let sim = village(3);
+    let pty = sim.serve_pty().unwrap();
+    let mut coils = sim.subscribe();
+    let config = write_config(dir.path(), pty.path(), 3, broker.port(), &state);
+    let mut first = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    sim.set_smoke(UnitId(2), SmokeState::Alarm);
+    coil_written(&mut coils, 0, true, "the sounder").await;
+    sub.next_of("fire.alarm", Duration::from_secs(10)).await;
+    sim.set_smoke(UnitId(2), SmokeState::Normal);
+    sub.next_of("fire.restored", Duration::from_secs(10)).await;
+
+    // Power cut: the gateway dies without a word; the relay module loses its coils too (a new
+    // simulator with every coil off, on a new port).
+    first.kill().unwrap();
+    first.wait().unwrap();
+    drop(pty);
+    let sim = village(3);
+    let pty = sim.serve_pty().unwrap();
+    let mut coils = sim.subscribe();
+    let config = write_config(dir.path(), pty.path(), 3, broker.port(), &state);
+    let mut second = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // The detector reads normal now, yet the latched alarm drives the sounder and the panel
+    // again, and upstream is told which alarms were restored.
+    coil_written(&mut coils, 0, true, "the sounder after the restart").await;
+    coil_written(&mut coils, 5, true, "the panel fire LED after the restart").await;
+    // The first life's gateway.started may still be on its way; the second one names the
+    // restored alarm.
+    let mut started = sub
+        .next_of("gateway.started", Duration::from_secs(10))
+        .await;
+    if started["data"].get("extra").is_none() {
+        started = sub
+            .next_of("gateway.started", Duration::from_secs(10))
+            .await;
+    }
+    assert_eq!(
+        started["data"]["extra"]["restored_fire_alarms"],
+        serde_json::json!(["A-102"]),
+        "{started}"
+    );
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
+
 fn check_config(text: &str, dir: &Path) -> std::process::Output {
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).unwrap();

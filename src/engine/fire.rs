@@ -114,6 +114,15 @@ struct DetectorState {
     missed: u32,
 }
 
+/// What must survive a restart or a power cut: the latched fire alarms and whether they are
+/// silenced (EN 54-2 §7.1: the fire alarm condition is held until a manual reset; a restart is
+/// not a reset).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Latched {
+    pub alarms: Vec<DeviceId>,
+    pub silenced: bool,
+}
+
 /// The fire alarm engine of one site.
 #[derive(Debug, Clone)]
 pub struct FireEngine {
@@ -140,7 +149,30 @@ impl FireEngine {
         }
     }
 
-    /// The first levels of every output (all off for a fresh engine).
+    /// Takes back the alarms latched before a restart, before [`FireEngine::start`]. Detectors
+    /// no longer in the config are ignored. Returns the ids restored.
+    pub fn restore(&mut self, latched: &Latched) -> Vec<DeviceId> {
+        let mut restored = Vec::new();
+        for id in &latched.alarms {
+            if let Some(i) = self.detectors.iter().position(|d| &d.id == id) {
+                self.state[i].latched = true;
+                restored.push(id.clone());
+            }
+        }
+        self.silenced = latched.silenced && !restored.is_empty();
+        restored
+    }
+
+    /// The state to keep across a restart.
+    pub fn latched_state(&self) -> Latched {
+        Latched {
+            alarms: self.latched(),
+            silenced: self.silenced,
+        }
+    }
+
+    /// The first levels of every output (all off for a fresh engine; as the latched alarms
+    /// demand after [`FireEngine::restore`]).
     pub fn start(&mut self) -> Step {
         let mut step = Step::default();
         self.drive_outputs(&mut step, true);
@@ -459,6 +491,70 @@ mod tests {
             .actions
             .iter()
             .all(|a| matches!(a, Action::DriveOutput { on: false, .. })));
+    }
+
+    #[test]
+    fn latched_alarms_restored_after_a_restart_sound_again_at_start() {
+        let mut before = engine();
+        before.step(
+            Input::Reading {
+                detector: 2,
+                reading: reading(DetectorStatus::Alarm),
+            },
+            t(1),
+        );
+        before.step(
+            Input::Reading {
+                detector: 2,
+                reading: reading(DetectorStatus::Normal),
+            },
+            t(2),
+        );
+        let saved = before.latched_state();
+        assert_eq!(
+            saved,
+            Latched {
+                alarms: vec!["B-101".into()],
+                silenced: false
+            }
+        );
+
+        let mut after = engine();
+        assert_eq!(after.restore(&saved), vec![DeviceId::from("B-101")]);
+        let step = after.start();
+        assert!(step.actions.contains(&Action::DriveOutput {
+            output: OutputId::Sounder(1),
+            on: true
+        }));
+        assert!(step.actions.contains(&Action::DriveOutput {
+            output: OutputId::PanelFireLed,
+            on: true
+        }));
+        let normal = after.step(
+            Input::Reading {
+                detector: 2,
+                reading: reading(DetectorStatus::Normal),
+            },
+            t(3),
+        );
+        assert!(
+            normal.events.is_empty(),
+            "a restored alarm stays latched and raises nothing new"
+        );
+        assert_eq!(after.latched(), vec![DeviceId::from("B-101")]);
+    }
+
+    #[test]
+    fn a_restored_silence_keeps_the_sounders_quiet_and_unknown_ids_are_ignored() {
+        let mut e = engine();
+        let restored = e.restore(&Latched {
+            alarms: vec!["A-101".into(), "Z-999".into()],
+            silenced: true,
+        });
+        assert_eq!(restored, vec![DeviceId::from("A-101")]);
+        e.start();
+        assert!(!e.output(OutputId::Sounder(0)));
+        assert!(e.output(OutputId::PanelFireLed));
     }
 
     #[test]

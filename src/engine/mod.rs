@@ -6,4 +6,4 @@
 
 pub mod fire;
 
-pub use fire::{Action, FireEngine, Input, OutputId, Step};
+pub use fire::{Action, FireEngine, Input, Latched, OutputId, Step};

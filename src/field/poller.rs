@@ -17,10 +17,9 @@
 //! It does not decide anything about fire: readings and misses go to the engine as
 //! [`FieldReport`]s.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -93,7 +92,10 @@ pub struct BusPlan {
     pub detectors: Vec<PolledDetector>,
     pub coils: Vec<CoilOutput>,
     /// Notified when a wanted level changes or a write is queued.
-    pub wake: Arc<Notify>,
+    /// Bumped by the daemon after it changed a wanted level or queued a write for this bus.
+    /// A `watch` rather than a `Notify`: a stale permit must never pass for the engine's
+    /// answer to the alarm this bus just reported.
+    pub wake: watch::Receiver<u64>,
     pub writes: mpsc::UnboundedReceiver<WriteRequest>,
 }
 
@@ -131,7 +133,7 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
         scan_interval,
         detectors,
         coils,
-        wake,
+        mut wake,
         mut writes,
     } = plan;
     let mut coils: Vec<Coil> = coils
@@ -243,6 +245,10 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
                 }
                 _ => false,
             };
+            if alarm_arrived {
+                // Everything the daemon did before this report is not an answer to it.
+                wake.borrow_and_update();
+            }
             if reports.send(report).await.is_err() {
                 return;
             }
@@ -253,7 +259,7 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
                 // Give the engine the moment it needs to decide, so the sounder write goes
                 // out before the next poll instead of after it (one transaction, ~30 ms at
                 // 9600 baud). Bounded: a slow engine never stalls the scan.
-                let _ = tokio::time::timeout(ENGINE_GRACE, wake.notified()).await;
+                let _ = tokio::time::timeout(ENGINE_GRACE, wake.changed()).await;
             }
         }
         if !broken {
@@ -285,7 +291,11 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
             }
             tokio::select! {
                 () = tokio::time::sleep_until(next) => break,
-                () = wake.notified() => {
+                r = wake.changed() => {
+                    if r.is_err() {
+                        // The daemon is gone: nothing will change any more.
+                        return;
+                    }
                     if let Err(e) = service_outputs(l, &mut coils, &mut writes, &reports, bus).await {
                         warn!(bus, error = %e, "Bus failed while writing outputs; reopening.");
                         link = None;
