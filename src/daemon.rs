@@ -130,7 +130,9 @@ pub async fn run(
         });
     }
     for (output, name, spec) in output_specs(&config) {
-        let (tx, rx) = watch::channel(false);
+        // Start from the level the engine wants (restored alarms sound at once), never from
+        // an off that would glitch a sounding relay.
+        let (tx, rx) = watch::channel(engine.output(output));
         match spec {
             OutputSpec::Coil { bus, unit, coil } => {
                 plans[*bus].coils.push(CoilOutput {
@@ -262,6 +264,11 @@ pub async fn run(
         &engine,
     );
 
+    let output_by_name: HashMap<String, OutputId> = actuator
+        .levels
+        .iter()
+        .map(|(id, level)| (level.name.clone(), *id))
+        .collect();
     let detector_bus: Vec<usize> = config.detectors.iter().map(|d| d.bus).collect();
     let bus_index: HashMap<&str, usize> = config
         .buses
@@ -295,7 +302,14 @@ pub async fn run(
                         }
                         continue;
                     }
-                    FieldReport::OutputWritten { .. } => continue,
+                    FieldReport::OutputWritten { name, ok, error, .. } => {
+                        let Some(&output) = output_by_name.get(name.as_str()) else { continue };
+                        if ok {
+                            Input::OutputConfirmed { output }
+                        } else {
+                            Input::OutputFailed { output, reason: error.unwrap_or_default() }
+                        }
+                    }
                 };
                 let step = engine.step(input, SystemTime::now());
                 actuator.apply(step, &engine);

@@ -241,6 +241,41 @@ async fn a_dead_detector_goes_offline_and_lights_the_fault_led() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_relay_module_is_a_sounder_fault_and_sounds_when_it_returns() {
+    let sim = village(2);
+    let pty = sim.serve_pty().unwrap();
+    let broker = village_gateway::broker::start(0).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let url = format!("mqtt://127.0.0.1:{}", broker.port());
+    let config = Config::simulated_village(&[pty.path().to_owned()], 2, &url, state.path());
+    sim.set_offline(RELAY, true);
+    let (gw, mut tap) = Gateway::start(config);
+    sim.set_smoke(UnitId(1), SmokeState::Alarm);
+    let t = until(&mut tap, Duration::from_secs(10), "sounder.fault", |t| {
+        matches!(t, Tap::Raised(e) if e.kind == EventKind::SounderFault && e.data.device == Some("A-sounder".into()))
+    })
+    .await;
+    let Tap::Raised(e) = t else { unreachable!() };
+    assert!(
+        e.data.reason.as_deref().unwrap_or("").contains("timeout"),
+        "{e:?}"
+    );
+
+    // The relay module answers again: the pending sounder write goes out, the fault clears.
+    sim.set_offline(RELAY, false);
+    until(&mut tap, Duration::from_secs(10), "the fault cleared", |t| {
+        matches!(t, Tap::Raised(e) if e.kind == EventKind::DeviceFaultCleared && e.data.device == Some("A-sounder".into()))
+    })
+    .await;
+    assert_eq!(
+        sim.coil(RELAY, 0),
+        Some(true),
+        "the sounder sounds once its module is back"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_detector_on_modbus_tcp_is_polled_like_a_serial_one() {
     let sim = village(2);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -447,6 +482,36 @@ async fn the_broker_stopped_and_restarted_loses_no_event_and_keeps_seq_order() {
     gw.stop().await;
 }
 
+/// The daemon as its own process, killed (SIGKILL) when dropped, so a failing test leaves
+/// nothing behind.
+struct Daemon(Child);
+
+impl Daemon {
+    fn spawn(config: &Path) -> Daemon {
+        let log = std::fs::File::create(config.with_extension("log")).unwrap();
+        Daemon(
+            Command::new(BIN)
+                .args(["run", "--config"])
+                .arg(config)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A config file for one simulated bus (detectors 1..=`detectors`, relay module at unit 100:
 /// coil 0 the sounder, coil 5 the panel fire LED).
 fn write_config(
@@ -507,12 +572,7 @@ async fn a_latched_alarm_survives_a_kill_9_and_sounds_again_after_the_restart() 
     let pty = sim.serve_pty().unwrap();
     let mut coils = sim.subscribe();
     let config = write_config(dir.path(), pty.path(), 3, broker.port(), &state);
-    let mut first = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = Daemon::spawn(&config);
     sim.set_smoke(UnitId(2), SmokeState::Alarm);
     coil_written(&mut coils, 0, true, "the sounder").await;
     sub.next_of("fire.alarm", Duration::from_secs(10)).await;
@@ -521,24 +581,40 @@ async fn a_latched_alarm_survives_a_kill_9_and_sounds_again_after_the_restart() 
 
     // Power cut: the gateway dies without a word; the relay module loses its coils too (a new
     // simulator with every coil off, on a new port).
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.kill();
     drop(pty);
     let sim = village(3);
     let pty = sim.serve_pty().unwrap();
     let mut coils = sim.subscribe();
     let config = write_config(dir.path(), pty.path(), 3, broker.port(), &state);
-    let mut second = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let second = Daemon::spawn(&config);
 
     // The detector reads normal now, yet the latched alarm drives the sounder and the panel
     // again, and upstream is told which alarms were restored.
-    coil_written(&mut coils, 0, true, "the sounder after the restart").await;
-    coil_written(&mut coils, 5, true, "the panel fire LED after the restart").await;
+    let mut on = std::collections::BTreeSet::new();
+    let mut written = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while on.len() < 2 {
+            let e = coils.recv().await.unwrap();
+            if let (RELAY, SimChange::CoilWritten { address, on: level }) = (e.unit, e.what) {
+                written.push((address, level));
+                if level {
+                    on.insert(address);
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("sounder and fire LED not both on within 10 s: {written:?}"));
+    assert_eq!(
+        on,
+        [0, 5].into(),
+        "the sounder and the panel fire LED sound again"
+    );
+    assert!(
+        written.iter().all(|&(_, level)| level),
+        "no output is switched off on the way: {written:?}"
+    );
     // The first life's gateway.started may still be on its way; the second one names the
     // restored alarm.
     let mut started = sub
@@ -554,8 +630,7 @@ async fn a_latched_alarm_survives_a_kill_9_and_sounds_again_after_the_restart() 
         serde_json::json!(["A-102"]),
         "{started}"
     );
-    second.kill().unwrap();
-    second.wait().unwrap();
+    drop(second);
 }
 
 fn check_config(text: &str, dir: &Path) -> std::process::Output {

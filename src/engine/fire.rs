@@ -84,6 +84,10 @@ pub enum Input {
     Silence(Origin),
     /// Reset the latched alarms.
     Reset(Origin),
+    /// A write to `output` was not confirmed by its unit (no echo, exception, timeout).
+    OutputFailed { output: OutputId, reason: String },
+    /// A write to `output` was confirmed.
+    OutputConfirmed { output: OutputId },
 }
 
 /// What the engine wants done, in order. Outputs first.
@@ -133,6 +137,8 @@ pub struct FireEngine {
     silenced: bool,
     /// Levels last emitted, by output; `None` before [`FireEngine::start`].
     driven: std::collections::BTreeMap<OutputId, bool>,
+    /// Outputs whose last write was not confirmed.
+    output_faults: std::collections::BTreeSet<OutputId>,
 }
 
 impl FireEngine {
@@ -146,6 +152,7 @@ impl FireEngine {
             state,
             silenced: false,
             driven: Default::default(),
+            output_faults: Default::default(),
         }
     }
 
@@ -189,6 +196,22 @@ impl FireEngine {
             }
             Input::Silence(origin) => self.silence(&origin, now, &mut step),
             Input::Reset(origin) => self.reset(&origin, now, &mut step),
+            Input::OutputFailed { output, reason } => {
+                if self.output_faults.insert(output) {
+                    let mut e = Event::new(EventKind::SounderFault, now, self.output_data(output));
+                    e.data.reason = Some(reason);
+                    step.events.push(e);
+                }
+            }
+            Input::OutputConfirmed { output } => {
+                if self.output_faults.remove(&output) {
+                    step.events.push(Event::new(
+                        EventKind::DeviceFaultCleared,
+                        now,
+                        self.output_data(output),
+                    ));
+                }
+            }
         }
         self.drive_outputs(&mut step, false);
         // Outputs go first: the caller applies actions in order, and sounders must not wait
@@ -203,9 +226,31 @@ impl FireEngine {
         self.iter_where(|s| s.latched)
     }
 
-    /// The detectors in fault or offline.
+    /// The detectors in fault or offline, then the outputs whose writes fail.
     pub fn faults(&self) -> Vec<DeviceId> {
-        self.iter_where(|s| s.in_fault || s.offline)
+        let mut v = self.iter_where(|s| s.in_fault || s.offline);
+        v.extend(self.output_faults.iter().map(|&o| self.output_id(o)));
+        v
+    }
+
+    /// The id of an output in events: the sounder's id, or `panel.fire_led` and the like.
+    pub fn output_id(&self, output: OutputId) -> DeviceId {
+        match output {
+            OutputId::Sounder(i) => self
+                .sounders
+                .get(i)
+                .map_or_else(|| DeviceId(format!("sounder[{i}]")), |s| s.id.clone()),
+            OutputId::PanelFireLed => "panel.fire_led".into(),
+            OutputId::PanelFaultLed => "panel.fault_led".into(),
+            OutputId::PanelBuzzer => "panel.buzzer".into(),
+        }
+    }
+
+    fn output_data(&self, output: OutputId) -> EventData {
+        EventData {
+            device: Some(self.output_id(output)),
+            ..EventData::default()
+        }
     }
 
     /// Whether the latched alarms are silenced.
@@ -368,7 +413,9 @@ impl FireEngine {
             OutputId::Sounder(i) => self.sounders.get(i).is_some_and(|s| sounding(&s.zones)),
             OutputId::PanelFireLed => self.state.iter().any(|s| s.latched),
             OutputId::PanelBuzzer => sounding(&Zones::All),
-            OutputId::PanelFaultLed => self.state.iter().any(|s| s.in_fault || s.offline),
+            OutputId::PanelFaultLed => {
+                self.state.iter().any(|s| s.in_fault || s.offline) || !self.output_faults.is_empty()
+            }
         }
     }
 
@@ -822,6 +869,44 @@ mod tests {
             t(3),
         );
         assert_eq!(kinds(&step), [EventKind::DeviceFaultCleared]);
+    }
+
+    #[test]
+    fn a_failing_sounder_is_a_fault_once_and_clears_when_it_answers() {
+        let mut e = engine();
+        let failed = || Input::OutputFailed {
+            output: OutputId::Sounder(1),
+            reason: "timeout".into(),
+        };
+        let step = e.step(failed(), t(1));
+        assert_eq!(kinds(&step), [EventKind::SounderFault]);
+        assert_eq!(step.events[0].data.device, Some("B-s".into()));
+        assert_eq!(
+            step.actions,
+            [Action::DriveOutput {
+                output: OutputId::PanelFaultLed,
+                on: true
+            }]
+        );
+        assert!(e.step(failed(), t(2)).events.is_empty(), "reported once");
+        assert_eq!(e.faults(), vec![DeviceId::from("B-s")]);
+        let step = e.step(
+            Input::OutputConfirmed {
+                output: OutputId::Sounder(1),
+            },
+            t(3),
+        );
+        assert_eq!(kinds(&step), [EventKind::DeviceFaultCleared]);
+        assert!(!e.output(OutputId::PanelFaultLed));
+        assert!(e
+            .step(
+                Input::OutputConfirmed {
+                    output: OutputId::Sounder(1)
+                },
+                t(4)
+            )
+            .events
+            .is_empty());
     }
 
     #[test]

@@ -71,11 +71,12 @@ pub enum FieldReport {
     },
     /// Detector `detector` did not answer validly.
     Missed { detector: usize, reason: String },
-    /// An output write finished: `ok` when the unit echoed it.
+    /// An output write finished: `ok` when the unit echoed it, else `error` says why.
     OutputWritten {
         name: String,
         on: bool,
         ok: bool,
+        error: Option<String>,
         at: Instant,
     },
     /// A scan cycle of `bus` ended after `cycle`.
@@ -123,6 +124,8 @@ struct Coil {
     /// A write failed in this scan cycle: retry in the next one, so that a dead relay module
     /// costs one timeout per cycle, not one per poll. A new wanted level is tried at once.
     failed: Option<bool>,
+    /// The last write failed (for logging the change, not every retry).
+    failing: bool,
 }
 
 /// The bus loop. See the module doc for its invariants.
@@ -142,6 +145,7 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
             out,
             confirmed: None,
             failed: None,
+            failing: false,
         })
         .collect();
     let mut link: Option<Link> = None;
@@ -328,23 +332,36 @@ async fn service_outputs(
         };
         let result = link.call(c.out.unit, &request).await;
         let at = Instant::now();
-        let ok = matches!(result, Ok(Ok(_)));
+        let error = match &result {
+            Ok(Ok(_)) => None,
+            Ok(Err(exception)) => Some(exception.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        let ok = error.is_none();
         if ok {
             c.confirmed = Some(on);
             c.failed = None;
+            if std::mem::take(&mut c.failing) {
+                info!(bus, output = %c.out.name, on, "Output answers again.");
+            }
             info!(bus, output = %c.out.name, on, "Output driven.");
         } else {
             c.confirmed = None;
+            // Logged once when it starts failing, not on every retry.
+            if !std::mem::replace(&mut c.failing, true) {
+                warn!(bus, output = %c.out.name, on, error = error.as_deref().unwrap_or(""), "Output write failed; retrying every scan cycle.");
+            }
             c.failed = Some(on);
-            warn!(bus, output = %c.out.name, on, result = ?result.as_ref().map(|r| r.as_ref().map(|_| ())), "Output write failed; retrying in the next scan cycle.");
         }
-        // Reports are best effort here: the engine loop may be gone at shutdown.
-        let _ = reports.try_send(FieldReport::OutputWritten {
+        // The engine loop is gone only at shutdown; then nobody needs the report.
+        let report = FieldReport::OutputWritten {
             name: c.out.name.clone(),
             on,
             ok,
+            error,
             at,
-        });
+        };
+        let _ = reports.send(report).await;
         if let Err(link::Error::Io(e)) = result {
             return Err(e);
         }
