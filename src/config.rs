@@ -638,14 +638,17 @@ impl Config {
 
 /// A few lines for an installer: what the config describes, per bus.
 pub fn summary(c: &Config) -> String {
+    let n = |count: usize, one: &str, many: &str| {
+        format!("{count} {}", if count == 1 { one } else { many })
+    };
     let mut out = format!(
-        "gateway {} ({}): {} buses, {} detectors, {} sounders, {} doors; uplink {}",
+        "gateway {} ({}): {}, {}, {}, {}; uplink {}",
         c.gateway.id,
         c.gateway.name,
-        c.buses.len(),
-        c.detectors.len(),
-        c.sounders.len(),
-        c.doors.len(),
+        n(c.buses.len(), "bus", "buses"),
+        n(c.detectors.len(), "detector", "detectors"),
+        n(c.sounders.len(), "sounder", "sounders"),
+        n(c.doors.len(), "door", "doors"),
         c.uplink.url
     );
     for (i, b) in c.buses.iter().enumerate() {
@@ -655,8 +658,9 @@ pub fn summary(c: &Config) -> String {
             BusTransport::Tcp { addr } => format!("Modbus TCP {addr}"),
         };
         out.push_str(&format!(
-            "\n  bus {}: {how}, {detectors} detectors, timeout {} ms, offline after {} missed polls",
+            "\n  bus {}: {how}, {}, timeout {} ms, offline after {} missed polls",
             b.name,
+            n(detectors, "detector", "detectors"),
             b.timeout.as_millis(),
             b.offline_after
         ));
@@ -767,6 +771,12 @@ impl Validator {
         let mut ids = HashSet::new();
         let mut addresses: BTreeMap<(usize, u8), String> = BTreeMap::new();
         let mut claim = |v: &mut Self, key: &str, bus: usize, unit: UnitId, id: &str| {
+            // A device whose bus or unit is already wrong claims nothing: its placeholder
+            // address would clash with a real device and report a problem that is not there.
+            let device = key.rsplit_once('.').map_or(key, |(d, _)| d);
+            if v.problems.iter().any(|(k, _)| k.starts_with(device)) {
+                return;
+            }
             if let Some(other) = addresses.insert((bus, unit.0), id.to_owned()) {
                 if other != id {
                     v.problem(
@@ -1143,9 +1153,11 @@ impl Validator {
         }
     }
 
+    /// Two outputs on one GPIO pin or one relay coil would silence each other.
     fn gpio_conflicts(&mut self, sounders: &[Sounder], panel: &Panel) {
         let mut used: HashMap<u8, String> = HashMap::new();
-        let outputs = sounders
+        let mut coils: HashMap<(usize, u8, u16), String> = HashMap::new();
+        let outputs: Vec<(String, Option<&OutputSpec>)> = sounders
             .iter()
             .enumerate()
             .map(|(i, s)| (format!("sounder[{i}].output"), Some(&s.output)))
@@ -1153,8 +1165,20 @@ impl Validator {
                 ("panel.fire_led".to_owned(), panel.fire_led.as_ref()),
                 ("panel.fault_led".to_owned(), panel.fault_led.as_ref()),
                 ("panel.buzzer".to_owned(), panel.buzzer.as_ref()),
-            ]);
+            ])
+            .collect();
+        for (key, o) in &outputs {
+            if let Some(OutputSpec::Coil { bus, unit, coil }) = o {
+                if let Some(other) = coils.insert((*bus, unit.0, *coil), key.clone()) {
+                    self.problem(
+                        format!("{key}.coil"),
+                        format!("coil {coil} of unit {unit} is already driven by {other}"),
+                    );
+                }
+            }
+        }
         let mut pins: Vec<(String, u8)> = outputs
+            .into_iter()
             .filter_map(|(k, o)| match o {
                 Some(OutputSpec::Gpio { pin, .. }) => Some((k, *pin)),
                 _ => None,
@@ -1331,6 +1355,28 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
         let e = check(&text).unwrap_err();
         assert_eq!(e.problems[0].key, "sounder[0].output.bus");
         assert_eq!(e.problems[0].line, Some(24), "{e}");
+    }
+
+    #[test]
+    fn two_outputs_on_one_relay_coil_are_refused() {
+        let text = GOOD.replace("coil = 7", "coil = 0");
+        let e = check(&text).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].key, "panel.buzzer.coil");
+        assert!(
+            e.problems[0]
+                .message
+                .contains("already driven by sounder[0].output"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bad_bus_or_unit_reports_no_phantom_address_clash() {
+        let text = format!("{GOOD}\n[[detector]]\nid = \"A-102\"\nbus = \"zz\"\nunit = 1\nzone = \"A\"\n[[detector]]\nid = \"A-103\"\nbus = \"a\"\nunit = 248\nzone = \"A\"\n");
+        let e = check(&text).unwrap_err();
+        let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["detector[1].bus", "detector[2].unit"], "{e}");
     }
 
     #[test]

@@ -316,7 +316,6 @@ pub async fn run(
             }
             request = commands.recv() => {
                 let Some(CommandRequest { command, reply }) = request else { continue };
-                info!(command = %command.id, kind = ?command.kind, "Command received.");
                 let origin = Origin::Command(command.id.clone());
                 let input = match command.kind {
                     CommandKind::Silence => Some(Input::Silence(origin)),

@@ -304,11 +304,14 @@ impl Command {
     pub fn parse(name: &str, payload: &[u8]) -> Result<Command, (Option<String>, CommandError)> {
         let value: serde_json::Value = serde_json::from_slice(payload)
             .map_err(|e| (None, CommandError::Malformed(e.to_string())))?;
-        let id = value
-            .get("id")
-            .and_then(serde_json::Value::as_str)
-            .map(str::to_owned)
-            .ok_or_else(|| (None, CommandError::Malformed("missing \"id\"".to_owned())))?;
+        let id = match value.get("id") {
+            Some(serde_json::Value::String(id)) => id.clone(),
+            Some(other) => {
+                let e = CommandError::Malformed(format!("\"id\" must be a string, got {other}"));
+                return Err((None, e));
+            }
+            None => return Err((None, CommandError::Malformed("missing \"id\"".to_owned()))),
+        };
         let kind = match name {
             "silence" => CommandKind::Silence,
             "reset" => CommandKind::Reset,
@@ -390,6 +393,15 @@ mod tests {
                 id: "c2".into(),
                 kind: CommandKind::Reset
             }
+        );
+    }
+
+    #[test]
+    fn a_numeric_command_id_is_refused_with_a_message_that_says_so() {
+        let err = Command::parse("silence", br#"{"id":5}"#).unwrap_err();
+        assert_eq!(
+            err.1,
+            CommandError::Malformed("\"id\" must be a string, got 5".to_owned())
         );
     }
 }

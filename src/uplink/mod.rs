@@ -212,7 +212,7 @@ pub async fn run(
                     uplink.tap(UplinkTap::Disconnected { reason });
                 } else {
                     failures += 1;
-                    if failures == 1 || failures % 20 == 0 {
+                    if failures == 1 || failures.is_multiple_of(20) {
                         tracing::warn!(reason = %reason, attempts = failures, "Cannot connect upstream.");
                     } else {
                         tracing::debug!(reason = %reason, attempts = failures, "Cannot connect upstream.");
