@@ -627,10 +627,10 @@ fn store_writer(
         let kind = event.kind;
         match store.append(&event) {
             Ok(seq) => {
-                wake.notify_one();
                 if let Some(tap) = tap {
                     let _ = tap.send(Tap::Stored { seq, kind });
                 }
+                wake.notify_one();
             }
             // The event is lost to upstream; the local alarm has already been acted on.
             Err(e) => error!(event = %kind, error = %e, "Event could not be stored."),

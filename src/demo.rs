@@ -47,8 +47,22 @@ pub async fn run(
         );
     };
 
-    println!("village-gateway demo: a simulated village with two RS-485 buses (9600 baud, wire time emulated),");
-    println!("{per_bus} smoke detectors on each, a relay module per bus driving the sounders and the micro-station panel.\n");
+    println!(
+        "village-gateway demo: a simulated village with two RS-485 buses (9600 baud; the simulator"
+    );
+    println!("answers as slowly as a real line would), {per_bus} smoke detectors on each, and a relay module per");
+    println!(
+        "bus (Modbus unit 100) whose coils drive the sounders and the micro fire-station panel."
+    );
+    println!();
+    println!("How to read it: seconds since start, then who speaks:");
+    println!("  scenario  what happens in the village        gateway  what the gateway decided and drove");
+    println!("  field     what the devices received on the wire   store  its outbox on disk (seq = gap-free number)");
+    println!("  broker    the MQTT broker acknowledged (PUBACK) an event, so the gateway deletes it from disk");
+    println!(
+        "A fire alarm latches: it stays until an officer resets it, even when the smoke clears."
+    );
+    println!();
 
     let sims: Vec<Simulator> = (0..2)
         .map(|_| {
@@ -89,6 +103,8 @@ pub async fn run(
     let _ = std::fs::remove_dir_all(&state);
     let config = Config::simulated_village(&ports, per_bus, &url, &state);
 
+    // The fire command centre subscribes before the gateway starts, so it sees every event.
+    let upstream = Upstream::connect(&url).await?;
     let (tap_tx, mut tap) = broadcast::channel::<Tap>(4096);
     let gateway_stop = shutdown.child_token();
     let gateway = tokio::spawn(daemon::run(
@@ -107,10 +123,10 @@ pub async fn run(
                     if unit == RELAY {
                         let name = coil_name(bus, address);
                         say(
-                            "outputs",
+                            "field",
                             format!(
-                                "{name:<18} {} (coil {address} of relay unit {unit} on bus {bus})",
-                                if on { "ON " } else { "off" }
+                                "relay unit {unit} on bus {bus} switched coil {address} ({name}) {}",
+                                if on { "ON" } else { "off" }
                             ),
                         );
                     }
@@ -144,7 +160,6 @@ pub async fn run(
         "gateway",
         format!("scanning {} detectors; all quiet", config.detectors.len()),
     );
-    let upstream = Upstream::connect(&url).await?;
 
     pause().await;
     say(
@@ -191,9 +206,11 @@ pub async fn run(
     step.all(
         "alarm.silenced and the sounder off",
         Duration::from_secs(10),
-        &[&|t| acked(t, EventKind::AlarmSilenced), &|t| {
-            written(t, "A-sounder", false)
-        }],
+        &[
+            &|t| acked(t, EventKind::AlarmSilenced),
+            &|t| written(t, "A-sounder", false),
+            &|t| written(t, "panel buzzer", false),
+        ],
     )
     .await?;
     say(
@@ -232,6 +249,11 @@ pub async fn run(
         ],
     )
     .await?;
+    pause().await;
+    say(
+        "scenario",
+        "The smoke clears in B-105 too; both alarms stay latched.".to_owned(),
+    );
     sims[1].set_smoke(UnitId(5), SmokeState::Normal);
     step.all(
         "fire.restored B-105",
@@ -254,6 +276,7 @@ pub async fn run(
             &|t| written(t, "A-sounder", false),
             &|t| written(t, "B-sounder", false),
             &|t| written(t, "panel fire LED", false),
+            &|t| written(t, "panel buzzer", false),
         ],
     )
     .await?;
@@ -374,6 +397,13 @@ impl<S: Fn(&str, String)> Scenario<'_, S> {
                     .unwrap_or_default();
                 (self.say)("gateway", format!("raised {}{device}{loc}{reason}", e.kind));
             }
+            Tap::OutputWanted { output, on, .. } => (self.say)(
+                "gateway",
+                format!(
+                    "drives {output} {}: coil write goes out before the next poll",
+                    if *on { "ON" } else { "off" }
+                ),
+            ),
             Tap::Stored { seq, kind } => (self.say)("store", format!("seq {seq} {kind} stored")),
             Tap::Uplink(UplinkTap::Acked { seq, kind }) => {
                 (self.say)("broker", format!("PUBACK seq {seq} {kind}"));
