@@ -487,6 +487,14 @@ mod tests {
         }
     }
 
+    /// A poll of detector `detector` that read `status`.
+    fn read(detector: usize, status: DetectorStatus) -> Input {
+        Input::Reading {
+            detector,
+            reading: reading(status),
+        }
+    }
+
     fn engine() -> FireEngine {
         let det = |id: &str, zone: &str| DetectorSpec {
             id: id.into(),
@@ -543,20 +551,8 @@ mod tests {
     #[test]
     fn latched_alarms_restored_after_a_restart_sound_again_at_start() {
         let mut before = engine();
-        before.step(
-            Input::Reading {
-                detector: 2,
-                reading: reading(DetectorStatus::Alarm),
-            },
-            t(1),
-        );
-        before.step(
-            Input::Reading {
-                detector: 2,
-                reading: reading(DetectorStatus::Normal),
-            },
-            t(2),
-        );
+        before.step(read(2, DetectorStatus::Alarm), t(1));
+        before.step(read(2, DetectorStatus::Normal), t(2));
         let saved = before.latched_state();
         assert_eq!(
             saved,
@@ -577,13 +573,7 @@ mod tests {
             output: OutputId::PanelFireLed,
             on: true
         }));
-        let normal = after.step(
-            Input::Reading {
-                detector: 2,
-                reading: reading(DetectorStatus::Normal),
-            },
-            t(3),
-        );
+        let normal = after.step(read(2, DetectorStatus::Normal), t(3));
         assert!(
             normal.events.is_empty(),
             "a restored alarm stays latched and raises nothing new"
@@ -607,13 +597,7 @@ mod tests {
     #[test]
     fn an_alarm_sounds_its_zone_and_the_panel_first() {
         let mut e = engine();
-        let step = e.step(
-            Input::Reading {
-                detector: 0,
-                reading: reading(DetectorStatus::Alarm),
-            },
-            t(1),
-        );
+        let step = e.step(read(0, DetectorStatus::Alarm), t(1));
         assert_eq!(kinds(&step), [EventKind::FireAlarm]);
         assert_eq!(
             step.actions,
@@ -647,63 +631,27 @@ mod tests {
     #[test]
     fn alarm_stays_latched_until_reset() {
         let mut e = engine();
-        e.step(
-            Input::Reading {
-                detector: 0,
-                reading: reading(DetectorStatus::Alarm),
-            },
-            t(1),
-        );
-        let step = e.step(
-            Input::Reading {
-                detector: 0,
-                reading: reading(DetectorStatus::Normal),
-            },
-            t(2),
-        );
+        e.step(read(0, DetectorStatus::Alarm), t(1));
+        let step = e.step(read(0, DetectorStatus::Normal), t(2));
         assert_eq!(kinds(&step), [EventKind::FireRestored]);
         assert!(step.actions.is_empty());
         assert!(e.output(OutputId::Sounder(0)));
-        let again = e.step(
-            Input::Reading {
-                detector: 0,
-                reading: reading(DetectorStatus::Normal),
-            },
-            t(3),
-        );
+        let again = e.step(read(0, DetectorStatus::Normal), t(3));
         assert!(again.events.is_empty(), "restored is reported once");
     }
 
     #[test]
     fn a_repeated_alarm_reading_raises_one_event() {
         let mut e = engine();
-        e.step(
-            Input::Reading {
-                detector: 0,
-                reading: reading(DetectorStatus::Alarm),
-            },
-            t(1),
-        );
-        let step = e.step(
-            Input::Reading {
-                detector: 0,
-                reading: reading(DetectorStatus::Alarm),
-            },
-            t(2),
-        );
+        e.step(read(0, DetectorStatus::Alarm), t(1));
+        let step = e.step(read(0, DetectorStatus::Alarm), t(2));
         assert_eq!(step, Step::default());
     }
 
     #[test]
     fn silence_stops_sounders_but_not_the_fire_led() {
         let mut e = engine();
-        e.step(
-            Input::Reading {
-                detector: 0,
-                reading: reading(DetectorStatus::Alarm),
-            },
-            t(1),
-        );
+        e.step(read(0, DetectorStatus::Alarm), t(1));
         let step = e.step(Input::Silence(Origin::Command("c1".into())), t(2));
         assert_eq!(kinds(&step), [EventKind::AlarmSilenced]);
         assert_eq!(step.events[0].data.command.as_deref(), Some("c1"));
@@ -715,21 +663,9 @@ mod tests {
     #[test]
     fn a_new_alarm_after_silence_resounds() {
         let mut e = engine();
-        e.step(
-            Input::Reading {
-                detector: 0,
-                reading: reading(DetectorStatus::Alarm),
-            },
-            t(1),
-        );
+        e.step(read(0, DetectorStatus::Alarm), t(1));
         e.step(Input::Silence(Origin::PanelKey), t(2));
-        e.step(
-            Input::Reading {
-                detector: 2,
-                reading: reading(DetectorStatus::Alarm),
-            },
-            t(3),
-        );
+        e.step(read(2, DetectorStatus::Alarm), t(3));
         assert!(e.output(OutputId::Sounder(0)));
         assert!(e.output(OutputId::Sounder(1)));
     }
@@ -750,13 +686,7 @@ mod tests {
     #[test]
     fn reset_clears_latches_and_asks_for_remote_reset() {
         let mut e = engine();
-        e.step(
-            Input::Reading {
-                detector: 1,
-                reading: reading(DetectorStatus::Alarm),
-            },
-            t(1),
-        );
+        e.step(read(1, DetectorStatus::Alarm), t(1));
         let step = e.step(Input::Reset(Origin::Command("r1".into())), t(2));
         assert_eq!(kinds(&step), [EventKind::AlarmReset]);
         assert_eq!(step.events[0].data.devices, vec![DeviceId::from("A-102")]);
@@ -772,21 +702,9 @@ mod tests {
     #[test]
     fn a_detector_still_in_alarm_after_reset_re_alarms_on_its_next_poll() {
         let mut e = engine();
-        e.step(
-            Input::Reading {
-                detector: 0,
-                reading: reading(DetectorStatus::Alarm),
-            },
-            t(1),
-        );
+        e.step(read(0, DetectorStatus::Alarm), t(1));
         e.step(Input::Reset(Origin::PanelKey), t(2));
-        let step = e.step(
-            Input::Reading {
-                detector: 0,
-                reading: reading(DetectorStatus::Alarm),
-            },
-            t(3),
-        );
+        let step = e.step(read(0, DetectorStatus::Alarm), t(3));
         assert_eq!(kinds(&step), [EventKind::FireAlarm]);
         assert!(e.output(OutputId::Sounder(0)));
     }
@@ -827,13 +745,7 @@ mod tests {
             t(4),
         );
         assert!(more.events.is_empty(), "offline is reported once");
-        let back = e.step(
-            Input::Reading {
-                detector: 2,
-                reading: reading(DetectorStatus::Normal),
-            },
-            t(5),
-        );
+        let back = e.step(read(2, DetectorStatus::Normal), t(5));
         assert_eq!(kinds(&back), [EventKind::DeviceOnline]);
         assert!(!e.output(OutputId::PanelFaultLed));
     }
@@ -861,13 +773,7 @@ mod tests {
             t(2),
         );
         assert_eq!(kinds(&step), [EventKind::FireAlarm]);
-        let step = e.step(
-            Input::Reading {
-                detector: 0,
-                reading: reading(DetectorStatus::Alarm),
-            },
-            t(3),
-        );
+        let step = e.step(read(0, DetectorStatus::Alarm), t(3));
         assert_eq!(kinds(&step), [EventKind::DeviceFaultCleared]);
     }
 
