@@ -503,13 +503,23 @@ impl Config {
     /// # Errors
     /// [`Error`] with every problem found, each with its line and key.
     pub fn from_toml(text: &str, file: &Path) -> Result<Config, Error> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| Error {
-            file: file.to_owned(),
-            problems: vec![Problem {
-                line: e.span().map(|s| line_of(text, s.start)),
-                key: String::new(),
-                message: e.message().trim().to_owned(),
-            }],
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // A syntax error says so; a shape error (unknown key, wrong type, missing table)
+            // is serde's message as it is.
+            let syntax = toml_edit::ImDocument::parse(text).is_err();
+            let message = e.message().trim();
+            Error {
+                file: file.to_owned(),
+                problems: vec![Problem {
+                    line: e.span().map(|s| line_of(text, s.start)),
+                    key: String::new(),
+                    message: if syntax {
+                        format!("not valid TOML: {message}")
+                    } else {
+                        message.to_owned()
+                    },
+                }],
+            }
         })?;
         let mut v = Validator {
             problems: Vec::new(),
@@ -1377,6 +1387,13 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
         let e = check(&text).unwrap_err();
         let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["detector[1].bus", "detector[2].unit"], "{e}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_toml_says_so_with_its_line() {
+        let e = check("[gateway]\nid = yian\n").unwrap_err();
+        assert_eq!(e.problems[0].line, Some(2), "{e}");
+        assert!(e.problems[0].message.starts_with("not valid TOML: "), "{e}");
     }
 
     #[test]
