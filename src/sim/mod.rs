@@ -879,7 +879,7 @@ async fn serve_serial(sim: Simulator, fd: OwnedFd, stop: &AtomicBool) -> io::Res
     set_nonblocking(&fd)?;
     // SAFETY: the `File` owns the descriptor and the `AsyncFd` owns the `File`, so the
     // descriptor stays open and the same for the `AsyncFd`'s whole life.
-    let port = unsafe { AsyncFd::register(File::from(fd)) }?;
+    let mut port = unsafe { AsyncFd::register(File::from(fd)) }?;
     let mut buf: Vec<u8> = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
     loop {
@@ -905,8 +905,21 @@ async fn serve_serial(sim: Simulator, fd: OwnedFd, stop: &AtomicBool) -> io::Res
             }
             Ok(ready) => ready?,
         };
+        let hung_up = ready.ready().is_read_closed();
         let arrival = match ready.try_io(|f| f.get_ref().read(&mut chunk)) {
-            Err(_would_block) => continue,
+            Err(_would_block) => {
+                if hung_up {
+                    // tokio keeps "read closed" once seen (the hang-up of a pty master while
+                    // no one had the slave open) and reports readable forever after, which
+                    // spun this loop on EAGAIN. Registering afresh starts from the fd's
+                    // real state.
+                    let file = port.into_inner();
+                    // SAFETY: as above: the `File` owns the descriptor for the new
+                    // `AsyncFd`'s whole life.
+                    port = unsafe { AsyncFd::register(file) }.map_err(io::Error::from)?;
+                }
+                continue;
+            }
             Ok(Ok(0)) => {
                 drop(ready);
                 tokio::time::sleep(HANGUP_RETRY).await;
