@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use village_gateway::config::{BusTransport, Config};
 use village_gateway::daemon::{self, Tap};
 use village_gateway::event::{EventKind, UnitId};
+use village_gateway::field::FieldReport;
 use village_gateway::sim::{SimChange, SimProfile, Simulator, SmokeState};
 use village_gateway::uplink::UplinkTap;
 
@@ -26,6 +27,40 @@ fn village(per_bus: u8) -> Simulator {
             .map(|u| (UnitId(u), SimProfile::Smoke))
             .chain([(RELAY, SimProfile::Relay)]),
     )
+}
+
+/// One simulated bus on a pty, the embedded broker, a state directory and the config that
+/// ties them together (`Config::simulated_village`).
+struct Village {
+    sim: Simulator,
+    pty: village_gateway::sim::PtyGuard,
+    broker: village_gateway::broker::BrokerHandle,
+    state: tempfile::TempDir,
+    config: Config,
+}
+
+impl Village {
+    fn on_a_pty(detectors: u8) -> Village {
+        let sim = village(detectors);
+        let pty = sim.serve_pty().unwrap();
+        let broker = village_gateway::broker::start(0).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let url = format!("mqtt://127.0.0.1:{}", broker.port());
+        let config =
+            Config::simulated_village(&[pty.path().to_owned()], detectors, &url, state.path());
+        Village {
+            sim,
+            pty,
+            broker,
+            state,
+            config,
+        }
+    }
+}
+
+/// A field report of a confirmed write of `level` to the output `output`.
+fn written(t: &Tap, output: &str, level: bool) -> bool {
+    matches!(t, Tap::Field(FieldReport::OutputWritten { name, on, ok: true, .. }) if name == output && *on == level)
 }
 
 /// An upstream subscriber: every event payload received, by seq (duplicates counted).
@@ -136,12 +171,13 @@ async fn wait_subscribed(sub: &Subscriber) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_detector_alarm_reaches_the_sounder_coil_and_the_broker() {
-    let sim = village(4);
-    let pty = sim.serve_pty().unwrap();
-    let broker = village_gateway::broker::start(0).unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let url = format!("mqtt://127.0.0.1:{}", broker.port());
-    let config = Config::simulated_village(&[pty.path().to_owned()], 4, &url, state.path());
+    let Village {
+        sim,
+        pty: _pty,
+        broker,
+        state: _state,
+        config,
+    } = Village::on_a_pty(4);
 
     let mut sub = Subscriber::connect(broker.port(), "it-alarm").await;
     wait_subscribed(&sub).await;
@@ -195,7 +231,10 @@ async fn a_detector_alarm_reaches_the_sounder_coil_and_the_broker() {
         .await
         .unwrap();
     sub.next_of("alarm.silenced", Duration::from_secs(10)).await;
-    until(&mut tap, Duration::from_secs(5), "sounder off", |t| matches!(t, Tap::Field(village_gateway::field::FieldReport::OutputWritten { name, on: false, ok: true, .. }) if name == "A-sounder")).await;
+    until(&mut tap, Duration::from_secs(5), "sounder off", |t| {
+        written(t, "A-sounder", false)
+    })
+    .await;
     assert_eq!(sim.coil(RELAY, 0), Some(false));
     assert_eq!(
         sim.coil(RELAY, 5),
@@ -208,12 +247,13 @@ async fn a_detector_alarm_reaches_the_sounder_coil_and_the_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_detector_goes_offline_and_lights_the_fault_led() {
-    let sim = village(3);
-    let pty = sim.serve_pty().unwrap();
-    let broker = village_gateway::broker::start(0).unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let url = format!("mqtt://127.0.0.1:{}", broker.port());
-    let config = Config::simulated_village(&[pty.path().to_owned()], 3, &url, state.path());
+    let Village {
+        sim,
+        pty: _pty,
+        broker: _broker,
+        state: _state,
+        config,
+    } = Village::on_a_pty(3);
     let (gw, mut tap) = Gateway::start(config);
 
     sim.set_offline(UnitId(2), true);
@@ -226,7 +266,10 @@ async fn a_dead_detector_goes_offline_and_lights_the_fault_led() {
     .await;
     let Tap::Raised(e) = t else { unreachable!() };
     assert_eq!(e.data.device, Some("A-102".into()));
-    until(&mut tap, Duration::from_secs(5), "fault LED", |t| matches!(t, Tap::Field(village_gateway::field::FieldReport::OutputWritten { name, on: true, ok: true, .. }) if name == "panel fault LED")).await;
+    until(&mut tap, Duration::from_secs(5), "fault LED", |t| {
+        written(t, "panel fault LED", true)
+    })
+    .await;
     assert_eq!(sim.coil(RELAY, 6), Some(true));
 
     sim.set_offline(UnitId(2), false);
@@ -242,12 +285,13 @@ async fn a_dead_detector_goes_offline_and_lights_the_fault_led() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_relay_module_is_a_sounder_fault_and_sounds_when_it_returns() {
-    let sim = village(2);
-    let pty = sim.serve_pty().unwrap();
-    let broker = village_gateway::broker::start(0).unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let url = format!("mqtt://127.0.0.1:{}", broker.port());
-    let config = Config::simulated_village(&[pty.path().to_owned()], 2, &url, state.path());
+    let Village {
+        sim,
+        pty: _pty,
+        broker: _broker,
+        state: _state,
+        config,
+    } = Village::on_a_pty(2);
     sim.set_offline(RELAY, true);
     let (gw, mut tap) = Gateway::start(config);
     sim.set_smoke(UnitId(1), SmokeState::Alarm);
@@ -291,7 +335,13 @@ async fn a_detector_on_modbus_tcp_is_polled_like_a_serial_one() {
     };
     let (gw, mut tap) = Gateway::start(config);
     sim.set_smoke(UnitId(1), SmokeState::Alarm);
-    until(&mut tap, Duration::from_secs(10), "sounder on over TCP", |t| matches!(t, Tap::Field(village_gateway::field::FieldReport::OutputWritten { name, on: true, ok: true, .. }) if name == "A-sounder")).await;
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "sounder on over TCP",
+        |t| written(t, "A-sounder", true),
+    )
+    .await;
     assert_eq!(sim.coil(RELAY, 0), Some(true));
     gw.stop().await;
 }
