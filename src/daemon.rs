@@ -479,8 +479,8 @@ fn build_engine(config: &Config) -> FireEngine {
     FireEngine::new(detectors, sounders, panel)
 }
 
-/// Every output of the config with the engine's id and a name for logs.
-fn output_specs(config: &Config) -> Vec<(OutputId, String, &OutputSpec)> {
+/// Every output of the config with the engine's id and its name (in logs, reports, the demo).
+pub fn output_specs(config: &Config) -> Vec<(OutputId, String, &OutputSpec)> {
     let mut v: Vec<(OutputId, String, &OutputSpec)> = config
         .sounders
         .iter()

@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, OutputSpec};
 use crate::daemon::{self, Tap};
 use crate::event::{EventKind, UnitId};
 use crate::field::FieldReport;
@@ -113,15 +113,26 @@ pub async fn run(
         Some(tap_tx),
     ));
 
-    // Print what the simulated relay modules receive: the outputs really driven on the wire.
+    // Print what the simulated relay modules receive: the outputs really driven on the wire,
+    // named as the gateway names them.
     for (b, sim) in sims.iter().enumerate() {
         let mut rx = sim.subscribe();
-        let bus = if b == 0 { 'a' } else { 'b' };
+        let bus = config.buses[b].name.clone();
+        let names: std::collections::HashMap<(UnitId, u16), String> = daemon::output_specs(&config)
+            .into_iter()
+            .filter_map(|(_, name, spec)| match spec {
+                OutputSpec::Coil { bus, unit, coil } if *bus == b => Some(((*unit, *coil), name)),
+                _ => None,
+            })
+            .collect();
         tokio::spawn(async move {
             while let Ok(SimEvent { unit, what, .. }) = rx.recv().await {
                 if let SimChange::CoilWritten { address, on } = what {
                     if unit == RELAY {
-                        let name = coil_name(bus, address);
+                        let name = names
+                            .get(&(unit, address))
+                            .cloned()
+                            .unwrap_or_else(|| format!("coil {address}"));
                         say(
                             "field",
                             format!(
@@ -449,17 +460,6 @@ fn acked(t: &Tap, kind: EventKind) -> bool {
 
 fn written(t: &Tap, output: &str, level: bool) -> bool {
     matches!(t, Tap::Field(FieldReport::OutputWritten { name, on, ok: true, .. }) if name == output && *on == level)
-}
-
-fn coil_name(bus: char, coil: u16) -> String {
-    match (bus, coil) {
-        ('a', 0) => "A-sounder".to_owned(),
-        ('b', 0) => "B-sounder".to_owned(),
-        ('a', 5) => "panel fire LED".to_owned(),
-        ('a', 6) => "panel fault LED".to_owned(),
-        ('a', 7) => "panel buzzer".to_owned(),
-        _ => format!("coil {coil}"),
-    }
 }
 
 /// `1-7, 9` from sorted seqs.
