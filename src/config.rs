@@ -84,7 +84,15 @@ pub struct Bus {
     pub scan_interval: Duration,
     /// Consecutive missed polls after which a device is offline.
     pub offline_after: u32,
+    /// How often each relay module's coils are read back (FC01) and compared with the levels
+    /// the engine wants; a mismatch is a `sounder.fault` and the coil is written again.
+    pub readback_interval: Duration,
 }
+
+/// Default [`Bus::readback_interval`]: a relay module that lost its coils (a power glitch
+/// resets them to off) is found within 5 s, at the cost of one FC01 transaction per module
+/// every 5 s.
+pub const DEFAULT_READBACK_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Bus {
     /// The baud rate of an RTU bus, `None` for TCP.
@@ -154,6 +162,9 @@ pub struct Detector {
     pub profile: SmokeProfile,
     pub zone: String,
     pub location: String,
+    /// An alarm reading counts only when one immediate re-read of the unit confirms it, so
+    /// one corrupted reply cannot sound a village. Costs one transaction per new alarm.
+    pub confirm_alarm: bool,
 }
 
 /// Which zones a sounder serves.
@@ -367,6 +378,9 @@ struct RawBus {
     scan_interval: Option<String>,
     /// Missed polls in a row before a device is offline; default 3.
     offline_after: Option<u32>,
+    /// How often each relay module's coils are read back (FC01) to confirm the outputs;
+    /// default `5s`.
+    readback_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -410,6 +424,13 @@ struct RawDetector {
     zone: String,
     #[serde(default)]
     location: String,
+    /// Confirm an alarm reading by one immediate re-read before it counts; default true.
+    #[serde(default = "default_true")]
+    confirm_alarm: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_smoke_profile() -> String {
@@ -575,6 +596,7 @@ impl Config {
                 turnaround: Duration::ZERO,
                 scan_interval: Duration::ZERO,
                 offline_after: 3,
+                readback_interval: DEFAULT_READBACK_INTERVAL,
             });
             for u in 1..=per_bus {
                 detectors.push(Detector {
@@ -584,6 +606,7 @@ impl Config {
                     profile: SmokeProfile::generic_smoke(),
                     zone: zone.clone(),
                     location: format!("{zone}栋{}室", 100 + u16::from(u)),
+                    confirm_alarm: true,
                 });
             }
             sounders.push(Sounder {
@@ -826,6 +849,7 @@ impl Validator {
                 profile,
                 zone: d.zone,
                 location: d.location,
+                confirm_alarm: d.confirm_alarm,
             });
         }
         let zones: HashSet<String> = detectors.iter().map(|d| d.zone.clone()).collect();
@@ -1088,6 +1112,14 @@ impl Validator {
         if offline_after == 0 {
             self.problem(format!("{key}.offline_after"), "must be at least 1");
         }
+        let readback_interval = self.duration(
+            &format!("{key}.readback_interval"),
+            b.readback_interval.as_deref(),
+            DEFAULT_READBACK_INTERVAL,
+        );
+        if readback_interval < Duration::from_millis(100) {
+            self.problem(format!("{key}.readback_interval"), "must be at least 100ms");
+        }
         Bus {
             name: b.name,
             transport,
@@ -1095,6 +1127,7 @@ impl Validator {
             turnaround,
             scan_interval,
             offline_after,
+            readback_interval,
         }
     }
 

@@ -18,13 +18,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, OutputSpec};
+use crate::config::{Config, InputSpec, OutputSpec};
 use crate::engine::fire::{DetectorSpec, Origin, PanelSpec, SounderSpec};
 use crate::engine::{Action, FireEngine, Input, Latched, OutputId, Step};
 use crate::event::{CommandKind, Event, EventData, EventKind, Seq, Status, UnitId};
 use crate::field::frame::Request;
 use crate::field::link::LinkSettings;
-use crate::field::{poller, BusPlan, CoilOutput, FieldReport, PolledDetector, WriteRequest};
+use crate::field::{
+    poller, BusPlan, CoilOutput, FieldReport, PolledDetector, PolledInput, WriteRequest,
+};
+
+/// The [`PolledInput::name`] of the panel's silence key.
+pub const SILENCE_KEY: &str = "silence_key";
+/// The [`PolledInput::name`] of the panel's reset key.
+pub const RESET_KEY: &str = "reset_key";
 use crate::outputs::{self, GpioOutput};
 use crate::store::Store;
 use crate::uplink::{self, CommandRequest, UplinkSettings, UplinkTap};
@@ -118,6 +125,8 @@ pub async fn run(
             scan_interval: bus.scan_interval,
             detectors: Vec::new(),
             coils: Vec::new(),
+            inputs: Vec::new(),
+            readback_interval: bus.readback_interval,
             wake: wake_rx,
             writes: rx,
         });
@@ -127,7 +136,29 @@ pub async fn run(
             index: i,
             unit: d.unit,
             profile: d.profile.clone(),
+            confirm_alarm: d.confirm_alarm,
         });
+    }
+    for (name, key) in [
+        (SILENCE_KEY, &config.panel.silence_key),
+        (RESET_KEY, &config.panel.reset_key),
+    ] {
+        match key {
+            Some(InputSpec::DiscreteInput { bus, unit, input }) => {
+                plans[*bus].inputs.push(PolledInput {
+                    name: name.to_owned(),
+                    unit: *unit,
+                    address: *input,
+                });
+            }
+            Some(InputSpec::Gpio { pin, .. }) => {
+                warn!(
+                    key = name,
+                    pin, "Panel keys on GPIO are not read by this release."
+                );
+            }
+            None => {}
+        }
     }
     for (output, name, spec) in output_specs(&config) {
         // Start from the level the engine wants (restored alarms sound at once), never from
@@ -276,6 +307,8 @@ pub async fn run(
         .enumerate()
         .map(|(i, b)| (b.name.as_str(), i))
         .collect();
+    // The last level read of each panel key: a press is a change to on after a first read.
+    let mut keys: HashMap<String, Option<bool>> = HashMap::new();
     let mut last_progress: Vec<Instant> = vec![Instant::now(); config.buses.len()];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -301,6 +334,19 @@ pub async fn run(
                             last_progress[b] = Instant::now();
                         }
                         continue;
+                    }
+                    FieldReport::Input { name, on, .. } => {
+                        let before = keys.insert(name.clone(), on);
+                        if on.is_none() {
+                            warn!(key = %name, "Panel key cannot be read.");
+                        }
+                        // The first read only sets the level: a key held at start is no press.
+                        let pressed = on == Some(true) && matches!(before, Some(Some(false)));
+                        match name.as_str() {
+                            SILENCE_KEY if pressed => Input::Silence(Origin::PanelKey),
+                            RESET_KEY if pressed => Input::Reset(Origin::PanelKey),
+                            _ => continue,
+                        }
                     }
                     FieldReport::OutputWritten { name, ok, error, .. } => {
                         let Some(&output) = output_by_name.get(name.as_str()) else { continue };

@@ -10,4 +10,4 @@ pub mod link;
 pub mod poller;
 pub mod profile;
 
-pub use poller::{BusPlan, CoilOutput, FieldReport, PolledDetector, WriteRequest};
+pub use poller::{BusPlan, CoilOutput, FieldReport, PolledDetector, PolledInput, WriteRequest};

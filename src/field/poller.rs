@@ -13,6 +13,16 @@
 //!   function code, count and CRC. Anything else is a missed poll.
 //! - A port that fails with an I/O error (adapter unplugged) is reopened with backoff; until
 //!   it is back, every scan counts a miss for each detector, so they go offline as usual.
+//! - **Alarm confirmation.** A reading that turns a detector to alarm is reported only after
+//!   one immediate re-read of the same unit agrees (per detector, [`PolledDetector::confirm_alarm`]);
+//!   otherwise the re-read is what is reported. One corrupted reply cannot sound a village, and
+//!   the confirmation costs one transaction, not one scan cycle.
+//! - **Output read-back.** Every `readback_interval` each relay module's coils are read (FC01)
+//!   and compared with the wanted levels. A mismatch or a failed read is reported as a failed
+//!   [`FieldReport::OutputWritten`] and the coil is written again at once.
+//! - **Inputs** (panel keys on discrete inputs) are read once per scan cycle with FC02 and
+//!   reported on every change as [`FieldReport::Input`]; a key must be held for one scan cycle
+//!   to be seen.
 //!
 //! It does not decide anything about fire: readings and misses go to the engine as
 //! [`FieldReport`]s.
@@ -40,6 +50,18 @@ pub struct PolledDetector {
     pub index: usize,
     pub unit: UnitId,
     pub profile: SmokeProfile,
+    /// Re-read once before a new alarm is reported.
+    pub confirm_alarm: bool,
+}
+
+/// A discrete input this bus reads once per scan cycle (a panel key on an I/O module).
+#[derive(Debug, Clone)]
+pub struct PolledInput {
+    /// For reports and logs (`silence_key`, `reset_key`).
+    pub name: String,
+    pub unit: UnitId,
+    /// Discrete input address (FC02, 0-based).
+    pub address: u16,
 }
 
 /// A coil this bus drives (a sounder, a panel LED or buzzer on a relay module).
@@ -71,7 +93,8 @@ pub enum FieldReport {
     },
     /// Detector `detector` did not answer validly.
     Missed { detector: usize, reason: String },
-    /// An output write finished: `ok` when the unit echoed it, else `error` says why.
+    /// An output write or read-back finished: `ok` when the unit echoed the write (or its coil
+    /// read back at the wanted level), else `error` says why.
     OutputWritten {
         name: String,
         on: bool,
@@ -81,6 +104,13 @@ pub enum FieldReport {
     },
     /// A scan cycle of `bus` ended after `cycle`.
     Cycle { bus: String, cycle: Duration },
+    /// Input `name` was read as `on` (reported at the first read and on every change), or
+    /// could not be read (`on` = `None`).
+    Input {
+        name: String,
+        on: Option<bool>,
+        at: Instant,
+    },
 }
 
 /// Everything one bus needs.
@@ -92,6 +122,9 @@ pub struct BusPlan {
     pub scan_interval: Duration,
     pub detectors: Vec<PolledDetector>,
     pub coils: Vec<CoilOutput>,
+    pub inputs: Vec<PolledInput>,
+    /// How often each relay module's coils are read back; see the module doc.
+    pub readback_interval: Duration,
     /// Notified when a wanted level changes or a write is queued.
     /// Bumped by the daemon after it changed a wanted level or queued a write for this bus.
     /// A `watch` rather than a `Notify`: a stale permit must never pass for the engine's
@@ -136,9 +169,13 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
         scan_interval,
         detectors,
         coils,
+        inputs,
+        readback_interval,
         mut wake,
         mut writes,
     } = plan;
+    let mut input_levels: Vec<Option<Option<bool>>> = vec![None; inputs.len()];
+    let mut next_readback = Instant::now() + readback_interval;
     let mut coils: Vec<Coil> = coils
         .into_iter()
         .map(|out| Coil {
@@ -202,52 +239,28 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
                 broken = true;
                 break;
             }
-            let request = Request::ReadInputRegisters {
-                address: d.profile.first_register,
-                count: d.profile.register_count,
-            };
-            let report = match l.call(d.unit, &request).await {
-                Ok(Ok(Response::Registers(regs))) => match profile::decode(&d.profile, &regs) {
-                    Ok(reading) => FieldReport::Reading {
-                        detector: d.index,
-                        reading,
-                        at: Instant::now(),
-                    },
-                    Err(e) => FieldReport::Missed {
-                        detector: d.index,
-                        reason: e.to_string(),
-                    },
-                },
-                Ok(Ok(other)) => FieldReport::Missed {
-                    detector: d.index,
-                    reason: format!("unexpected reply {other:?}"),
-                },
-                Ok(Err(exception)) => FieldReport::Missed {
-                    detector: d.index,
-                    reason: format!("exception: {exception}"),
-                },
-                Err(link::Error::Io(e)) => {
-                    warn!(bus, error = %e, "Bus I/O failed; reopening.");
-                    broken = true;
-                    FieldReport::Missed {
-                        detector: d.index,
-                        reason: format!("bus I/O error: {e}"),
-                    }
+            let (mut report, mut io_failed) = poll(l, d, bus).await;
+            if d.confirm_alarm && !io_failed && !last_alarm[k] && is_alarm(&report) {
+                // One immediate re-read before the alarm counts.
+                let (second, failed) = poll(l, d, bus).await;
+                if !is_alarm(&second) {
+                    warn!(
+                        bus,
+                        unit = d.unit.0,
+                        "Alarm reading not confirmed by the re-read; ignored."
+                    );
                 }
-                Err(e) => {
-                    debug!(bus, unit = d.unit.0, error = %e, "Poll failed.");
-                    FieldReport::Missed {
-                        detector: d.index,
-                        reason: e.to_string(),
-                    }
-                }
-            };
-            let alarm_arrived = match &report {
-                FieldReport::Reading { reading, .. } => {
-                    let alarm = reading.status == DetectorStatus::Alarm;
+                report = second;
+                io_failed = failed;
+            }
+            broken = io_failed;
+            let alarm_arrived = {
+                let alarm = is_alarm(&report);
+                if matches!(report, FieldReport::Reading { .. }) {
                     std::mem::replace(&mut last_alarm[k], alarm) != alarm && alarm
+                } else {
+                    false
                 }
-                _ => false,
             };
             if alarm_arrived {
                 // Everything the daemon did before this report is not an answer to it.
@@ -264,6 +277,22 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
                 // out before the next poll instead of after it (one transaction, ~30 ms at
                 // 9600 baud). Bounded: a slow engine never stalls the scan.
                 let _ = tokio::time::timeout(ENGINE_GRACE, wake.changed()).await;
+            }
+        }
+        if !broken {
+            match read_inputs(l, &inputs, &mut input_levels, &reports).await {
+                Ok(()) => {}
+                Err(e) => {
+                    warn!(bus, error = %e, "Bus I/O failed while reading inputs; reopening.");
+                    broken = true;
+                }
+            }
+        }
+        if !broken && Instant::now() >= next_readback {
+            next_readback = Instant::now() + readback_interval;
+            if let Err(e) = read_back(l, &mut coils, &reports, bus).await {
+                warn!(bus, error = %e, "Bus I/O failed while reading outputs back; reopening.");
+                broken = true;
             }
         }
         if !broken {
@@ -377,4 +406,154 @@ async fn service_outputs(
         }
     }
     Ok(())
+}
+
+/// One poll of detector `d`: its report, and whether the port itself failed (I/O error).
+async fn poll(link: &mut Link, d: &PolledDetector, bus: &str) -> (FieldReport, bool) {
+    let request = Request::ReadInputRegisters {
+        address: d.profile.first_register,
+        count: d.profile.register_count,
+    };
+    let missed = |reason: String| FieldReport::Missed {
+        detector: d.index,
+        reason,
+    };
+    match link.call(d.unit, &request).await {
+        Ok(Ok(Response::Registers(regs))) => match profile::decode(&d.profile, &regs) {
+            Ok(reading) => (
+                FieldReport::Reading {
+                    detector: d.index,
+                    reading,
+                    at: Instant::now(),
+                },
+                false,
+            ),
+            Err(e) => (missed(e.to_string()), false),
+        },
+        Ok(Ok(other)) => (missed(format!("unexpected reply {other:?}")), false),
+        Ok(Err(exception)) => (missed(format!("exception: {exception}")), false),
+        Err(link::Error::Io(e)) => {
+            warn!(bus, error = %e, "Bus I/O failed; reopening.");
+            (missed(format!("bus I/O error: {e}")), true)
+        }
+        Err(e) => {
+            debug!(bus, unit = d.unit.0, error = %e, "Poll failed.");
+            (missed(e.to_string()), false)
+        }
+    }
+}
+
+fn is_alarm(report: &FieldReport) -> bool {
+    matches!(report, FieldReport::Reading { reading, .. } if reading.status == DetectorStatus::Alarm)
+}
+
+/// Reads every input (FC02) and reports those whose level changed since the last report.
+/// Returns the link's I/O error when the port itself failed.
+async fn read_inputs(
+    link: &mut Link,
+    inputs: &[PolledInput],
+    last: &mut [Option<Option<bool>>],
+    reports: &mpsc::Sender<FieldReport>,
+) -> Result<(), std::io::Error> {
+    for (input, last) in inputs.iter().zip(last.iter_mut()) {
+        let request = Request::ReadDiscreteInputs {
+            address: input.address,
+            count: 1,
+        };
+        let result = link.call(input.unit, &request).await;
+        let on = match &result {
+            Ok(Ok(Response::Bits(bits))) => bits.first().copied(),
+            _ => None,
+        };
+        if *last != Some(on) {
+            *last = Some(on);
+            let _ = reports
+                .send(FieldReport::Input {
+                    name: input.name.clone(),
+                    on,
+                    at: Instant::now(),
+                })
+                .await;
+        }
+        if let Err(link::Error::Io(e)) = result {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Reads each relay module's coils back (one FC01 per unit, spanning its coils) and compares
+/// them with the levels last confirmed. A mismatch or a failed read is reported as a failed
+/// output, and the coil is marked unconfirmed so that the next [`service_outputs`] writes it
+/// again. Returns the link's I/O error when the port itself failed.
+async fn read_back(
+    link: &mut Link,
+    coils: &mut [Coil],
+    reports: &mpsc::Sender<FieldReport>,
+    bus: &str,
+) -> Result<(), std::io::Error> {
+    let mut units: Vec<UnitId> = coils.iter().map(|c| c.out.unit).collect();
+    units.sort_unstable_by_key(|u| u.0);
+    units.dedup();
+    for unit in units {
+        let mine = || coils.iter().filter(|c| c.out.unit == unit);
+        // Only coils whose write was confirmed: a pending or failing one is being retried.
+        if mine().all(|c| c.confirmed.is_none()) {
+            continue;
+        }
+        let first = mine().map(|c| c.out.coil).min().unwrap_or(0);
+        let last = mine().map(|c| c.out.coil).max().unwrap_or(0);
+        let request = Request::ReadCoils {
+            address: first,
+            count: last - first + 1,
+        };
+        let result = link.call(unit, &request).await;
+        let bits = match &result {
+            Ok(Ok(Response::Bits(bits))) => Ok(bits.clone()),
+            Ok(Ok(other)) => Err(format!("read-back: unexpected reply {other:?}")),
+            Ok(Err(exception)) => Err(format!("read-back: exception: {exception}")),
+            Err(e) => Err(format!("read-back: {e}")),
+        };
+        for c in coils.iter_mut().filter(|c| c.out.unit == unit) {
+            let Some(wanted) = c.confirmed else { continue };
+            let error = match &bits {
+                Ok(bits) => match bits.get(usize::from(c.out.coil - first)) {
+                    Some(&actual) if actual == wanted => None,
+                    Some(&actual) => Some(format!(
+                        "read-back: coil is {}, wanted {}",
+                        on_off(actual),
+                        on_off(wanted)
+                    )),
+                    None => Some("read-back: short reply".to_owned()),
+                },
+                Err(e) => Some(e.clone()),
+            };
+            let Some(error) = error else { continue };
+            warn!(bus, output = %c.out.name, error = %error, "Output read-back failed; writing it again.");
+            // Unconfirmed: the next service_outputs writes the wanted level again.
+            c.confirmed = None;
+            c.failing = true;
+            let _ = reports
+                .send(FieldReport::OutputWritten {
+                    name: c.out.name.clone(),
+                    on: wanted,
+                    ok: false,
+                    error: Some(error),
+                    at: Instant::now(),
+                })
+                .await;
+        }
+        if let Err(link::Error::Io(e)) = result {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
 }
