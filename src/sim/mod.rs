@@ -156,6 +156,11 @@ struct Unit {
     reply_delay: Duration,
     /// Fault injection: this unit's RTU replies carry a wrong CRC.
     corrupt_replies: bool,
+    /// Fault injection: the heartbeat register stays at this value (stuck firmware).
+    frozen_heartbeat: Option<u16>,
+    /// Fault injection: the next this-many reads of the input registers report alarm (a
+    /// corrupted status that passed the CRC), then the real state again.
+    alarm_glitch: u32,
 }
 
 impl Unit {
@@ -175,14 +180,23 @@ impl Unit {
             holding: holding.iter().map(|a| (*a, 0)).collect(),
             reply_delay: Duration::ZERO,
             corrupt_replies: false,
+            frozen_heartbeat: None,
+            alarm_glitch: 0,
         }
     }
 
-    fn input_registers(&self, heartbeat: u16) -> Vec<u16> {
+    fn input_registers(&mut self, heartbeat: u16) -> Vec<u16> {
         match self.profile {
             SimProfile::Smoke => {
                 let fault_bits = u16::from(self.smoke == SmokeState::Fault);
-                vec![self.smoke.register(), self.density, fault_bits, heartbeat]
+                let status = if self.alarm_glitch > 0 {
+                    self.alarm_glitch -= 1;
+                    SmokeState::Alarm.register()
+                } else {
+                    self.smoke.register()
+                };
+                let heartbeat = self.frozen_heartbeat.unwrap_or(heartbeat);
+                vec![status, self.density, fault_bits, heartbeat]
             }
             // Contact closed, FIFO empty: depth, head seq, card (2 words), kind, age.
             SimProfile::Door => vec![0; 7],
@@ -316,6 +330,36 @@ impl Simulator {
     /// `echo = true` setting).
     pub fn set_adapter_echo(&self, echo: bool) {
         self.state().echo = echo;
+    }
+
+    /// Fault injection: sets coil `address` of `unit` behind the master's back (a relay module
+    /// that lost power comes back with its coils off). Ignored for unknown units and coils.
+    pub fn set_coil(&self, unit: UnitId, address: u16, on: bool) {
+        if let Some(slot) = self
+            .state()
+            .units
+            .get_mut(&unit.0)
+            .and_then(|u| u.coils.get_mut(usize::from(address)))
+        {
+            *slot = on;
+        }
+    }
+
+    /// Fault injection: freezes a detector's heartbeat register at its current value (stuck
+    /// firmware), or lets it count again.
+    pub fn set_heartbeat_frozen(&self, unit: UnitId, frozen: bool) {
+        let now = self.heartbeat();
+        if let Some(u) = self.state().units.get_mut(&unit.0) {
+            u.frozen_heartbeat = frozen.then_some(now);
+        }
+    }
+
+    /// Fault injection: the next `reads` reads of a detector's input registers report alarm
+    /// whatever its state (a corrupted status that passed the CRC), then the real state again.
+    pub fn glitch_alarm(&self, unit: UnitId, reads: u32) {
+        if let Some(u) = self.state().units.get_mut(&unit.0) {
+            u.alarm_glitch = reads;
+        }
     }
 
     /// The state of coil `address` of `unit`, or `None` if the unit or coil does not exist.
