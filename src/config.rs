@@ -948,7 +948,7 @@ impl Validator {
         self.gpio_conflicts(&sounders, &panel);
 
         let store = Store { max_bytes };
-        Some(Config {
+        let config = Config {
             gateway,
             uplink,
             store,
@@ -957,7 +957,36 @@ impl Validator {
             sounders,
             doors,
             panel,
-        })
+        };
+        // Only a config without other problems: placeholders (a bad baud rate) would make a
+        // meaningless figure.
+        if self.problems.is_empty() {
+            self.worst_case_detection(&config);
+        }
+        Some(config)
+    }
+
+    /// A bus whose worst-case detection time exceeds [`crate::field::budget::LIMIT`] (10 s)
+    /// is refused with its figure (DESIGN.md §4).
+    fn worst_case_detection(&mut self, config: &Config) {
+        use crate::field::budget;
+        for (i, (bus, w)) in config
+            .buses
+            .iter()
+            .zip(budget::for_config(config))
+            .enumerate()
+        {
+            if w.total > budget::LIMIT {
+                self.problem(
+                    format!("bus[{i}]"),
+                    format!(
+                        "bus {:?}: worst-case detection time {w} exceeds the {} s that EN 54-2 and GB 4717 allow to indicate a fire; put fewer detectors on this bus, raise its baud rate or shorten its timeout",
+                        bus.name,
+                        budget::LIMIT.as_secs()
+                    ),
+                );
+            }
+        }
     }
 
     fn gateway(&mut self, g: RawGateway) -> Gateway {

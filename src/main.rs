@@ -83,6 +83,7 @@ fn main() -> ExitCode {
             Ok(c) => {
                 println!("{}: ok", config.display());
                 println!("{}", village_gateway::config::summary(&c));
+                println!("{}", village_gateway::field::budget::report(&c));
                 ExitCode::SUCCESS
             }
             Err(e) => {

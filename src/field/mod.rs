@@ -4,7 +4,9 @@
 //! - [`link`]: one transaction at a time on a port, with timeouts, flushing and resync.
 //! - [`profile`]: decoding a detector's registers with its profile, pure.
 //! - [`poller`]: one poller per bus, writing outputs ahead of polls.
+//! - [`budget`]: the worst-case detection time of each bus, computed from the config, pure.
 
+pub mod budget;
 pub mod frame;
 pub mod link;
 pub mod poller;

@@ -40,8 +40,8 @@ use crate::config::SmokeProfile;
 use crate::event::{DetectorReading, DetectorStatus, UnitId};
 
 /// How long the poller waits for the engine's outputs after a detector's reading turns to
-/// alarm, before it goes on with the scan.
-const ENGINE_GRACE: Duration = Duration::from_millis(10);
+/// alarm, before it goes on with the scan. [`super::budget`] counts it.
+pub(super) const ENGINE_GRACE: Duration = Duration::from_millis(10);
 
 /// A detector this bus polls.
 #[derive(Debug, Clone)]
