@@ -151,13 +151,8 @@ pub async fn run(
                     address: *input,
                 });
             }
-            Some(InputSpec::Gpio { pin, .. }) => {
-                warn!(
-                    key = name,
-                    pin, "Panel keys on GPIO are not read by this release."
-                );
-            }
-            None => {}
+            // Sampled and debounced by `inputs::spawn_gpio_keys` below.
+            Some(InputSpec::Gpio { .. }) | None => {}
         }
     }
     for (output, name, spec) in output_specs(&config) {
@@ -222,6 +217,8 @@ pub async fn run(
                 .with_context(|| format!("cannot start the thread of bus {name}"))?,
         );
     }
+    // GPIO panel keys report into the same channel as the buses' discrete inputs.
+    crate::inputs::spawn_gpio_keys(&config.panel, &report_tx, &tracker, &shutdown);
     drop(report_tx);
 
     // The store writer: a thread of its own, so an fsync never delays the engine loop.

@@ -25,6 +25,7 @@
 //! - [`engine`]: the pure fire rules.
 //! - [`field`]: Modbus RTU/TCP buses: framing, transactions with timeouts, one poller per bus.
 //! - [`outputs`]: sounders and panel outputs, as coils on a bus or GPIO pins.
+//! - [`inputs`]: panel keys on GPIO pins, debounced.
 //! - [`store`]: the sled outbox.
 //! - [`uplink`]: MQTT forwarder, commands, status.
 //! - [`sim`]: the built-in field simulator.
@@ -39,6 +40,7 @@ pub mod demo;
 pub mod engine;
 pub mod event;
 pub mod field;
+pub mod inputs;
 pub mod logging;
 pub mod outputs;
 pub mod sim;
