@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use village_gateway::config::Config;
+use village_gateway::config::{Config, InputSpec};
 use village_gateway::daemon::{self, Tap};
 use village_gateway::event::{Event, EventKind, UnitId};
 use village_gateway::field::FieldReport;
@@ -326,6 +326,29 @@ async fn a_silence_key_held_at_start_is_not_a_press() {
     .await;
     v.sim.set_key(RELAY, SILENCE_INPUT, true);
     gw.raised(EventKind::AlarmSilenced, None).await;
+    gw.stop().await;
+}
+
+/// Off a Raspberry Pi a GPIO key cannot be opened: the daemon hears of it through the key's
+/// report, and goes on guarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpio_key_that_cannot_be_opened_is_reported_unreadable_and_alarms_still_sound() {
+    if std::fs::read_to_string("/proc/device-tree/model").is_ok_and(|m| m.contains("Raspberry")) {
+        return;
+    }
+    let mut v = Village::on_a_pty(2);
+    v.config.panel.silence_key = Some(InputSpec::Gpio {
+        pin: 13,
+        active_low: true,
+    });
+    let mut gw = Gateway::start(v.config.clone());
+    gw.until("the silence key reported unreadable", |t| {
+        matches!(t, Tap::Field(FieldReport::Input { name, on: None, .. }) if name == "silence_key")
+    })
+    .await;
+    v.sim.set_smoke(UnitId(2), SmokeState::Alarm);
+    gw.until("the sounder on", |t| written(t, "A-sounder", true))
+        .await;
     gw.stop().await;
 }
 
