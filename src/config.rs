@@ -976,7 +976,7 @@ impl Validator {
             .zip(budget::for_config(config))
             .enumerate()
         {
-            if w.total > budget::LIMIT {
+            if let Some(w) = w.filter(|w| w.total > budget::LIMIT) {
                 self.problem(
                     format!("bus[{i}]"),
                     format!(

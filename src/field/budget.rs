@@ -271,8 +271,9 @@ fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// The worst case of every bus of `config`, in the order of [`Config::buses`].
-pub fn for_config(config: &Config) -> Vec<WorstCase> {
+/// The worst case of every bus of `config`, in the order of [`Config::buses`]; `None` for a
+/// bus without detectors (it only carries outputs or keys: nothing is detected there).
+pub fn for_config(config: &Config) -> Vec<Option<WorstCase>> {
     let loads: Vec<BusLoad> = (0..config.buses.len())
         .map(|i| load_of(config, i))
         .collect();
@@ -299,7 +300,7 @@ pub fn for_config(config: &Config) -> Vec<WorstCase> {
                     OutputSpec::Gpio { .. } => SounderPath::Gpio,
                 })
                 .collect();
-            worst_case(load, &sounders)
+            (!load.detectors.is_empty()).then(|| worst_case(load, &sounders))
         })
         .collect()
 }
@@ -398,7 +399,10 @@ pub fn report(config: &Config) -> String {
             Transport::Rtu { baud, .. } => format!("{baud} baud"),
             Transport::Tcp { .. } => "Modbus TCP, each transaction bounded by the timeout".into(),
         };
-        out.push_str(&format!("\n  bus {} ({how}): {w}", bus.name));
+        match w {
+            Some(w) => out.push_str(&format!("\n  bus {} ({how}): {w}", bus.name)),
+            None => out.push_str(&format!("\n  bus {} ({how}): no detectors", bus.name)),
+        }
     }
     out
 }
@@ -608,6 +612,26 @@ mod config_tests {
             "{text}"
         );
         assert!(text.contains("exceeds the 10 s"), "{text}");
+    }
+
+    #[test]
+    fn a_sounder_on_an_outputs_only_bus_counts_that_bus_and_the_bus_has_no_figure_of_its_own() {
+        let text = one_bus(4, 9600).replace(
+            "[[sounder]]",
+            "[[bus]]\nname = \"b\"\nrtu = { port = \"/dev/ttyUSB1\", baud = 1200 }\n[[sounder]]",
+        );
+        let text = text.replace("output = { bus = \"a\"", "output = { bus = \"b\"");
+        let c = Config::from_toml(&text, Path::new("gw.toml")).unwrap();
+        let w = super::for_config(&c);
+        assert!(w[1].is_none(), "{w:?}");
+        let a = w[0].unwrap();
+        // Waiting for bus b's transaction in flight (a dead unit at 1200 baud) and its write.
+        assert!(a.sounder.unwrap() > c.buses[1].timeout, "{a}");
+        let report = super::report(&c);
+        assert!(
+            report.ends_with("\n  bus b (1200 baud): no detectors"),
+            "{report}"
+        );
     }
 
     #[test]
