@@ -142,6 +142,7 @@ const KEY_READ: Request = Request::ReadDiscreteInputs {
 /// What one bus does in one scan cycle, as far as timing goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusLoad {
+    /// How the bus's transactions are timed.
     pub timing: Timing,
     /// The bus's minimum scan cycle (`scan_interval`).
     pub scan_interval: Duration,
