@@ -121,7 +121,7 @@ pub async fn run(
         let names: std::collections::HashMap<(UnitId, u16), String> = daemon::output_specs(&config)
             .into_iter()
             .filter_map(|(_, name, spec)| match spec {
-                OutputSpec::Coil { bus, unit, coil } if *bus == b => Some(((*unit, *coil), name)),
+                OutputSpec::Coil { bus, unit, coil } if bus == b => Some(((unit, coil), name)),
                 _ => None,
             })
             .collect();
