@@ -1255,3 +1255,44 @@ async fn a_restart_in_the_middle_of_a_fire_keeps_the_silence_and_the_disablement
     assert_eq!(sim.coil(RELAY, 5), Some(true));
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_output_sounds_while_the_sounder_is_in_fault() {
+    use village_gateway::config::OutputSpec;
+    let Village {
+        sim,
+        pty: _pty,
+        broker: _broker,
+        state: _state,
+        mut config,
+    } = Village::on_a_pty(2);
+    // The sounder's own relay module (unit 101) is not on the bus; its fallback is coil 3 of
+    // the panel's module.
+    config.sounders[0].output = OutputSpec::Coil {
+        bus: 0,
+        unit: UnitId(101),
+        coil: 0,
+    };
+    config.sounders[0].fallback = Some(OutputSpec::Coil {
+        bus: 0,
+        unit: RELAY,
+        coil: 3,
+    });
+    let (gw, mut tap) = Gateway::start(config);
+    let seen = collect_until(&mut tap, Duration::from_secs(10), "sounder.fault", |t| {
+        raised(t, EventKind::SounderFault, "A-sounder")
+    })
+    .await;
+    assert!(
+        !seen.iter().any(|t| wanted(t, "A-sounder fallback", true)),
+        "no fire, no fallback"
+    );
+
+    sim.set_smoke(UnitId(1), SmokeState::Alarm);
+    until(&mut tap, Duration::from_secs(10), "the fallback", |t| {
+        written(t, "A-sounder fallback", true)
+    })
+    .await;
+    assert_eq!(sim.coil(RELAY, 3), Some(true));
+    gw.stop().await;
+}
