@@ -175,7 +175,24 @@ pub async fn run(
     pause().await;
     say(
         "scenario",
-        "Smoke fills room A-103: detector unit 3 on bus a goes into alarm.".to_owned(),
+        "Smoke rises in A-103: detector unit 3 on bus a reports pre-alarm.".to_owned(),
+    );
+    sims[0].set_smoke(UnitId(3), SmokeState::PreAlarm);
+    step.all(
+        "fire.pre_alarm",
+        Duration::from_secs(10),
+        &[&|t| acked(t, EventKind::FirePreAlarm)],
+    )
+    .await?;
+    say(
+        "gateway",
+        "a warning upstream only: nothing sounds for a pre-alarm".to_owned(),
+    );
+
+    pause().await;
+    say(
+        "scenario",
+        "Smoke fills room A-103: the detector goes into alarm.".to_owned(),
     );
     let smoke_at = Instant::now();
     sims[0].set_smoke(UnitId(3), SmokeState::Alarm);
@@ -304,17 +321,33 @@ pub async fn run(
     );
     sims[0].set_offline(UnitId(7), true);
     step.all(
-        "device.offline and the fault LED",
+        "device.offline, the fault LED and the buzzer's pulse",
         Duration::from_secs(20),
-        &[&|t| acked(t, EventKind::DeviceOffline), &|t| {
-            written(t, "panel fault LED", true)
-        }],
+        &[
+            &|t| acked(t, EventKind::DeviceOffline),
+            &|t| written(t, "panel fault LED", true),
+            &|t| written(t, "panel buzzer", true),
+        ],
     )
     .await?;
     say(
         "gateway",
-        "A-107 offline after 3 missed polls in a row; panel fault LED on".to_owned(),
+        "A-107 offline after 3 missed polls in a row; panel fault LED on, buzzer pulsing"
+            .to_owned(),
     );
+
+    pause().await;
+    say(
+        "scenario",
+        "The officer silences the fault buzzer (MQTT command); the fault LED stays on.".to_owned(),
+    );
+    upstream.command("silence", "demo-silence-2").await?;
+    step.all(
+        "alarm.silenced",
+        Duration::from_secs(10),
+        &[&|t| acked(t, EventKind::AlarmSilenced)],
+    )
+    .await?;
 
     pause().await;
     let received = upstream.received();
