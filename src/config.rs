@@ -1006,6 +1006,14 @@ impl Validator {
                 self.problem(&key, format!("no detector is in zone {:?}", z.id));
             } else if zone_settings.iter().any(|o| o.id == z.id) {
                 self.problem(&key, format!("zone {:?} is configured twice", z.id));
+            } else if z.coincidence && detectors.iter().filter(|d| d.zone == z.id).count() < 2 {
+                self.problem(
+                    format!("zone[{i}].coincidence"),
+                    format!(
+                        "zone {:?} has fewer than two detectors, so its linkage could never act",
+                        z.id
+                    ),
+                );
             }
             zone_settings.push(Zone {
                 id: z.id,
@@ -1600,7 +1608,8 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
             )
             .replace(
                 "[panel]\n",
-                "[[zone]]\nid = \"A\"\ncoincidence = true\n[panel]\nauto_resound = \"10min\"\n",
+                "[[detector]]\nid = \"A-102\"\nbus = \"a\"\nunit = 2\nzone = \"A\"\n\
+                 [[zone]]\nid = \"A\"\ncoincidence = true\n[panel]\nauto_resound = \"10min\"\n",
             );
         let c = check(&text).unwrap();
         assert_eq!(
@@ -1660,6 +1669,17 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
             "{e}"
         );
         assert!(e.problems.iter().all(|p| p.line.is_some()), "{e}");
+
+        let text = GOOD.replace(
+            "[panel]\n",
+            "[[zone]]\nid = \"A\"\ncoincidence = true\n[panel]\n",
+        );
+        let e = check(&text).unwrap_err();
+        assert_eq!(e.problems[0].key, "zone[0].coincidence", "{e}");
+        assert!(
+            e.problems[0].message.contains("fewer than two detectors"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! whose output actions are applied (a `watch` level and a wake of the bus) before its events
 //! are handed to the store writer thread, which appends them durably and wakes the uplink.
 //!
+//! The engine loop also feeds the engine an `Input::Tick` once a second (the fault buzzer's
+//! pulse, the auto-resound timer) and turns upstream commands into engine inputs; a command
+//! naming an unknown detector gets an error result.
+//!
 //! Shutdown: the token is cancelled (SIGTERM, SIGINT); pollers and the engine loop stop; the
 //! store writer drains what the engine handed it, then flushes; the uplink stops.
 
@@ -318,7 +322,10 @@ pub async fn run(
     // The last level read of each panel key: a press is a change to on after a first read.
     let mut keys: HashMap<String, Option<bool>> = HashMap::new();
     let mut last_progress: Vec<Instant> = vec![Instant::now(); config.buses.len()];
+    // The engine's clock (fault buzzer pulse, auto-resound): a late tick is not made up in a
+    // burst, which would flutter the buzzer.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
