@@ -646,7 +646,8 @@ impl FireEngine {
 
     fn silence(&mut self, origin: &Origin, now: SystemTime, step: &mut Step) {
         let latched = self.latched();
-        let fire = !self.silenced && !latched.is_empty();
+        // Something sounds for a fire: a latched alarm of an enabled detector, unsilenced.
+        let fire = !self.silenced && self.state.iter().any(DetectorState::sounding);
         let fault = self.pulsing();
         if !fire && !fault {
             return;
@@ -740,7 +741,7 @@ impl FireEngine {
         if let (true, Some(after), Some(at)) =
             (self.silenced, self.panel.auto_resound, self.silenced_at)
         {
-            let latched = self.latched();
+            let latched = self.iter_where(DetectorState::sounding);
             if now.duration_since(at).unwrap_or_default() >= after && !latched.is_empty() {
                 self.silenced = false;
                 self.silenced_at = None;
@@ -1390,6 +1391,35 @@ mod tests {
         assert_eq!(kinds(&step), [EventKind::AlarmReset]);
         assert!(e.latched().is_empty());
         assert!(!e.output(OutputId::PanelFireLed));
+    }
+
+    #[test]
+    fn silence_with_only_a_disabled_detectors_alarm_latched_silences_nothing() {
+        let mut e = engine();
+        e.step(read(0, DetectorStatus::Alarm), t(1));
+        e.step(
+            Input::Disable {
+                detector: 0,
+                origin: Origin::PanelKey,
+            },
+            t(2),
+        );
+        assert_eq!(
+            e.step(Input::Silence(Origin::PanelKey), t(3)),
+            Step::default(),
+            "nothing sounds, so nothing is silenced"
+        );
+        e.step(
+            Input::Enable {
+                detector: 0,
+                origin: Origin::PanelKey,
+            },
+            t(4),
+        );
+        assert!(
+            e.output(OutputId::Sounder(0)),
+            "its latched alarm sounds again"
+        );
     }
 
     #[test]
