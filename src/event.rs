@@ -8,6 +8,18 @@
 //!   ([`Event::to_cloudevent`]); `id` = `"<gateway>-<seq>"` is the upstream de-duplication key.
 //! - A [`Command`] comes from upstream (`<prefix>/<gw>/cmd/<name>`); a malformed one is an
 //!   error value, never a panic.
+//!
+//! Additions to DESIGN.md §3 (issue 3), all in the urgent lane:
+//! - event types `fire.pre_alarm` / `fire.pre_alarm_cleared` (a warning, never sounds),
+//!   `device.test` / `device.test_ended` (the detector's own test button),
+//!   `device.disabled` / `device.enabled` (`data.command` = the command id that asked, or
+//!   `data.reason` = "panel key"), `alarm.resounded` (`[panel] auto_resound` elapsed);
+//! - `door.released` carries the alarms that released the door in `data.devices`;
+//!   `alarm.reset` lists the doors it locked again in `data.extra.doors_locked`;
+//!   `alarm.silenced` lists the faults whose buzzer it silenced in `data.extra.faults`;
+//!   `gateway.started` lists `data.extra.disabled_detectors` kept over the restart;
+//! - commands `disable` / `enable` `{"id", "device": "<detector id>"}`: an unknown or missing
+//!   device is an error result; the status gains `disabled` (detector ids).
 
 use std::fmt;
 use std::time::SystemTime;
