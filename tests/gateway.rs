@@ -1296,3 +1296,62 @@ async fn the_fallback_output_sounds_while_the_sounder_is_in_fault() {
     assert_eq!(sim.coil(RELAY, 3), Some(true));
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silenced_sounders_resound_after_the_auto_resound_time() {
+    let Village {
+        sim,
+        pty: _pty,
+        broker,
+        state: _state,
+        mut config,
+    } = Village::on_a_pty(2);
+    // The daemon takes any duration; validation's 10 s floor is for installers, and 2 s keeps
+    // the test short.
+    config.panel.auto_resound = Some(Duration::from_secs(2));
+    let (mut sub, gw, mut tap) = with_uplink(config, broker.port(), "it-resound").await;
+    sim.set_smoke(UnitId(1), SmokeState::Alarm);
+    until(&mut tap, Duration::from_secs(10), "the sounder", |t| {
+        written(t, "A-sounder", true)
+    })
+    .await;
+    let result = sub
+        .command("silence", serde_json::json!({"id": "s-1"}))
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "the sounder silenced",
+        |t| written(t, "A-sounder", false),
+    )
+    .await;
+    // The sounder is wanted on again in the step that raises alarm.resounded (outputs go
+    // first, then the step's events), not before.
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "the sounder wanted again",
+        |t| wanted(t, "A-sounder", true),
+    )
+    .await;
+    let t = until(&mut tap, Duration::from_secs(5), "the step's event", |t| {
+        matches!(t, Tap::Raised(_))
+    })
+    .await;
+    let Tap::Raised(e) = t else { unreachable!() };
+    assert_eq!(e.kind, EventKind::AlarmResounded, "{e:?}");
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "the sounder again",
+        |t| written(t, "A-sounder", true),
+    )
+    .await;
+    assert_eq!(sim.coil(RELAY, 0), Some(true));
+    let resounded = sub
+        .next_of("alarm.resounded", Duration::from_secs(10))
+        .await;
+    assert_eq!(resounded["data"]["devices"], serde_json::json!(["A-101"]));
+    gw.stop().await;
+}
