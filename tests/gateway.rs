@@ -1355,3 +1355,84 @@ async fn silenced_sounders_resound_after_the_auto_resound_time() {
     assert_eq!(resounded["data"]["devices"], serde_json::json!(["A-101"]));
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_in_a_silenced_fire_keeps_the_silence_and_the_disablement() {
+    let broker = village_gateway::broker::start(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut sub = Subscriber::connect(broker.port(), "it-kill-silence").await;
+    wait_subscribed(&sub).await;
+    sub.next_of("probe", Duration::from_secs(10)).await;
+
+    // First life: fire in A-102, silenced, A-103 disabled. The events arrive upstream only
+    // after the state record holding them was made durable.
+    let sim = village(3);
+    let pty = sim.serve_pty().unwrap();
+    let mut coils = sim.subscribe();
+    let config = write_config(dir.path(), pty.path(), 3, broker.port(), &state);
+    let mut first = Daemon::spawn(&config);
+    sim.set_smoke(UnitId(2), SmokeState::Alarm);
+    coil_written(&mut coils, 0, true, "the sounder").await;
+    sub.next_of("fire.alarm", Duration::from_secs(10)).await;
+    let result = sub
+        .command("silence", serde_json::json!({"id": "s-1"}))
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    sub.next_of("alarm.silenced", Duration::from_secs(10)).await;
+    let result = sub
+        .command(
+            "disable",
+            serde_json::json!({"id": "d-1", "device": "A-103"}),
+        )
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    sub.next_of("device.disabled", Duration::from_secs(10))
+        .await;
+
+    // Power cut: the gateway and the relay module lose everything but the disk.
+    first.kill();
+    drop(pty);
+    let sim = village(3);
+    sim.set_smoke(UnitId(2), SmokeState::Alarm);
+    sim.set_smoke(UnitId(3), SmokeState::Alarm);
+    let pty = sim.serve_pty().unwrap();
+    let mut coils = sim.subscribe();
+    let config = write_config(dir.path(), pty.path(), 3, broker.port(), &state);
+    let _second = Daemon::spawn(&config);
+    coil_written(&mut coils, 5, true, "the panel fire LED").await;
+    // A-103 is still disabled, so its alarm is ignored.
+    let mut started = sub
+        .next_of("gateway.started", Duration::from_secs(10))
+        .await;
+    // The first life's may still be on its way (routine lane, after the fire events).
+    if started["data"]["extra"].get("disabled_detectors").is_none() {
+        started = sub
+            .next_of("gateway.started", Duration::from_secs(10))
+            .await;
+    }
+    assert_eq!(
+        started["data"]["extra"]["disabled_detectors"],
+        serde_json::json!(["A-103"]),
+        "{started}"
+    );
+    // Two events from two scan cycles of unit 1: units 2 and 3 (both in alarm) were polled
+    // and handled in between.
+    sim.set_smoke(UnitId(1), SmokeState::PreAlarm);
+    sub.next_of("fire.pre_alarm", Duration::from_secs(10)).await;
+    sim.set_smoke(UnitId(1), SmokeState::Normal);
+    sub.next_of("fire.pre_alarm_cleared", Duration::from_secs(10))
+        .await;
+    let mut written = Vec::new();
+    while let Ok(e) = coils.try_recv() {
+        if let (RELAY, SimChange::CoilWritten { address, on }) = (e.unit, e.what) {
+            written.push((address, on));
+        }
+    }
+    assert!(
+        !written.contains(&(0, true)),
+        "the silenced sounder stays off: {written:?}"
+    );
+    assert_eq!(sim.coil(RELAY, 0), Some(false));
+    assert_eq!(sim.coil(RELAY, 5), Some(true));
+}
