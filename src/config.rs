@@ -257,6 +257,8 @@ pub struct Panel {
     pub fire_led: Option<OutputSpec>,
     pub fault_led: Option<OutputSpec>,
     pub buzzer: Option<OutputSpec>,
+    /// Lit while any detector is disabled (EN 54-2's general disablement indicator).
+    pub disablement_led: Option<OutputSpec>,
     pub silence_key: Option<InputSpec>,
     pub reset_key: Option<InputSpec>,
     /// Silenced sounders sound again after this long while alarms are latched; `None` = off.
@@ -538,6 +540,8 @@ struct RawPanel {
     fire_led: Option<RawOutput>,
     fault_led: Option<RawOutput>,
     buzzer: Option<RawOutput>,
+    /// Lit while any detector is disabled; default none.
+    disablement_led: Option<RawOutput>,
     silence_key: Option<RawInput>,
     reset_key: Option<RawInput>,
     /// Re-sound silenced sounders after this long if alarms are still latched; default off.
@@ -617,8 +621,9 @@ impl Config {
 
     /// The built-in simulated village of `village-gateway demo`: `buses` pseudo-terminal
     /// buses named `a`, `b`, ... with `per_bus` detectors each (units 1..), a relay module at
-    /// unit 100 on every bus (coil 0 = the bus's sounder; on bus `a` coil 5 = panel fire LED,
-    /// 6 = fault LED, 7 = buzzer, discrete inputs 0/1 = silence/reset keys).
+    /// unit 100 on every bus (coil 0 = the bus's sounder; on bus `a` coil 4 = panel
+    /// disablement LED, 5 = fire LED, 6 = fault LED, 7 = buzzer, discrete inputs 0/1 =
+    /// silence/reset keys).
     ///
     /// `ports[i]` is the serial port of bus i, `url` the broker.
     pub fn simulated_village(ports: &[String], per_bus: u8, url: &str, state_dir: &Path) -> Config {
@@ -702,6 +707,7 @@ impl Config {
                 fire_led: panel_coil(5),
                 fault_led: panel_coil(6),
                 buzzer: panel_coil(7),
+                disablement_led: panel_coil(4),
                 silence_key: Some(InputSpec::DiscreteInput {
                     bus: 0,
                     unit: UnitId(100),
@@ -1045,10 +1051,12 @@ impl Validator {
         let fire_led = out(self, "fire_led", p.fire_led);
         let fault_led = out(self, "fault_led", p.fault_led);
         let buzzer = out(self, "buzzer", p.buzzer);
+        let disablement_led = out(self, "disablement_led", p.disablement_led);
         let panel = Panel {
             fire_led,
             fault_led,
             buzzer,
+            disablement_led,
             silence_key: p
                 .silence_key
                 .map(|i| self.input("panel.silence_key", i, &bus_index)),
@@ -1332,6 +1340,10 @@ impl Validator {
                 ("panel.fire_led".to_owned(), panel.fire_led.as_ref()),
                 ("panel.fault_led".to_owned(), panel.fault_led.as_ref()),
                 ("panel.buzzer".to_owned(), panel.buzzer.as_ref()),
+                (
+                    "panel.disablement_led".to_owned(),
+                    panel.disablement_led.as_ref(),
+                ),
             ])
             .collect();
         for (key, o) in &outputs {

@@ -545,6 +545,7 @@ fn build_engine(config: &Config) -> FireEngine {
         fire_led: config.panel.fire_led.is_some(),
         fault_led: config.panel.fault_led.is_some(),
         buzzer: config.panel.buzzer.is_some(),
+        disablement_led: config.panel.disablement_led.is_some(),
         auto_resound: config.panel.auto_resound,
     };
     let doors = released_doors(config)
@@ -628,6 +629,11 @@ pub fn output_specs(config: &Config) -> Vec<(OutputId, String, OutputSpec)> {
             &config.panel.fault_led,
         ),
         (OutputId::PanelBuzzer, "panel buzzer", &config.panel.buzzer),
+        (
+            OutputId::PanelDisablementLed,
+            "panel disablement LED",
+            &config.panel.disablement_led,
+        ),
     ];
     for (id, name, spec) in panel {
         if let Some(spec) = spec {

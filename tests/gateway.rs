@@ -933,6 +933,14 @@ async fn a_detector_disabled_by_an_mqtt_command_does_not_sound_on_its_alarm() {
         .await;
     assert_eq!(disabled["data"]["device"], "A-101");
     assert_eq!(disabled["data"]["command"], "d-1", "who asked");
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "the disablement LED",
+        |t| written(t, "panel disablement LED", true),
+    )
+    .await;
+    assert_eq!(sim.coil(RELAY, 4), Some(true));
 
     sim.set_smoke(UnitId(1), SmokeState::Alarm);
     let seen = read_and_handled(&mut tap, 0, DetectorStatus::Alarm).await;
@@ -977,6 +985,13 @@ async fn a_detector_disabled_by_an_mqtt_command_does_not_sound_on_its_alarm() {
     assert_eq!(result["ok"], true, "{result}");
     let enabled = sub.next_of("device.enabled", Duration::from_secs(10)).await;
     assert_eq!(enabled["data"]["command"], "d-4");
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "the disablement LED off",
+        |t| written(t, "panel disablement LED", false),
+    )
+    .await;
     until(&mut tap, Duration::from_secs(10), "the sounder", |t| {
         written(t, "A-sounder", true)
     })

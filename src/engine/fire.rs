@@ -13,7 +13,8 @@
 //!   panel's fire LED while any alarm is latched (silence and disablement never clear it); the
 //!   fault LED while an enabled detector is in fault or offline or an output fails; the buzzer
 //!   steady while a sounder would sound, else pulsing (one tick on, one off) while an
-//!   unsilenced fault exists. A [`Action::DriveOutput`] is emitted only when a level changes,
+//!   unsilenced fault exists; the disablement LED while any detector is disabled (EN 54-2's
+//!   general disablement indicator: a disabled detector is a blind spot the officer must see). A [`Action::DriveOutput`] is emitted only when a level changes,
 //!   and [`FireEngine::start`] emits every level once.
 //! - **Alarms latch** until reset, even when the detector returns to normal (`fire.restored`
 //!   is reported; the alarm stays). EN 54-2 / GB 4717: the fire alarm condition is held until
@@ -87,6 +88,7 @@ pub struct PanelSpec {
     pub fire_led: bool,
     pub fault_led: bool,
     pub buzzer: bool,
+    pub disablement_led: bool,
     /// Silenced sounders sound again after this long if alarms are still latched
     /// (`[panel] auto_resound`); `None` = only a new alarm re-sounds.
     pub auto_resound: Option<Duration>,
@@ -103,6 +105,7 @@ pub enum OutputId {
     PanelFireLed,
     PanelFaultLed,
     PanelBuzzer,
+    PanelDisablementLed,
     /// Index into the doors given to [`FireEngine::with_doors`]: on = lock released.
     Door(usize),
 }
@@ -427,6 +430,7 @@ impl FireEngine {
             OutputId::PanelFireLed => "panel.fire_led".into(),
             OutputId::PanelFaultLed => "panel.fault_led".into(),
             OutputId::PanelBuzzer => "panel.buzzer".into(),
+            OutputId::PanelDisablementLed => "panel.disablement_led".into(),
         }
     }
 
@@ -481,6 +485,9 @@ impl FireEngine {
         }
         if self.panel.buzzer {
             v.push(OutputId::PanelBuzzer);
+        }
+        if self.panel.disablement_led {
+            v.push(OutputId::PanelDisablementLed);
         }
         v.extend((0..self.doors.len()).map(OutputId::Door));
         v
@@ -836,6 +843,7 @@ impl FireEngine {
                 self.sounding(&Zones::All) || (self.pulse_on && self.pulsing())
             }
             OutputId::PanelFaultLed => !self.faults().is_empty(),
+            OutputId::PanelDisablementLed => self.state.iter().any(|s| s.disabled),
             OutputId::Door(i) => self.released.contains(&i),
         }
     }
@@ -948,6 +956,7 @@ mod tests {
                 fire_led: true,
                 fault_led: true,
                 buzzer: true,
+                disablement_led: false,
                 auto_resound: None,
             },
         );
@@ -1522,6 +1531,7 @@ mod tests {
         let mut e = engine();
         e.sounders[0].fallback = true;
         e.panel.auto_resound = Some(Duration::from_secs(600));
+        e.panel.disablement_led = true;
         let door = |id: &str, zone: &str| DoorSpec {
             id: id.into(),
             zone: zone.to_owned(),
@@ -1609,6 +1619,35 @@ mod tests {
     }
 
     #[test]
+    fn the_disablement_led_is_lit_while_any_detector_is_disabled() {
+        let mut e = linked_engine();
+        let disable = |detector| Input::Disable {
+            detector,
+            origin: Origin::PanelKey,
+        };
+        let enable = |detector| Input::Enable {
+            detector,
+            origin: Origin::PanelKey,
+        };
+        let step = e.step(disable(0), t(1));
+        assert_eq!(
+            step.actions,
+            [Action::DriveOutput {
+                output: OutputId::PanelDisablementLed,
+                on: true
+            }]
+        );
+        e.step(disable(2), t(2));
+        e.step(enable(0), t(3));
+        assert!(
+            e.output(OutputId::PanelDisablementLed),
+            "B-101 is still disabled"
+        );
+        e.step(enable(2), t(4));
+        assert!(!e.output(OutputId::PanelDisablementLed));
+    }
+
+    #[test]
     fn the_fallback_sounds_while_its_sounder_is_in_fault() {
         let mut e = linked_engine();
         let fallback = OutputId::SounderFallback(0);
@@ -1684,6 +1723,7 @@ mod tests {
         assert!(after.output(OutputId::PanelFireLed));
         assert!(after.output(B_GATE), "the door stays released");
         assert_eq!(after.disabled(), vec![DeviceId::from("A-101")]);
+        assert!(after.output(OutputId::PanelDisablementLed));
         assert_eq!(
             after.step(read(0, DetectorStatus::Alarm), t(101)),
             Step::default()
@@ -1910,6 +1950,7 @@ mod tests {
                 );
                 prop_assert_eq!(levels[&OutputId::PanelFireLed], !e.latched().is_empty());
                 prop_assert_eq!(levels[&OutputId::PanelFaultLed], !e.faults().is_empty());
+                prop_assert_eq!(levels[&OutputId::PanelDisablementLed], !e.disabled().is_empty());
                 // The buzzer: steady for a fire, else only while an unsilenced fault exists.
                 if any_sounding {
                     prop_assert!(levels[&OutputId::PanelBuzzer]);
