@@ -350,6 +350,30 @@ pub async fn run(
     .await?;
 
     pause().await;
+    say(
+        "scenario",
+        "Until the wire is repaired, the officer disables A-107 (MQTT command).".to_owned(),
+    );
+    upstream
+        .command_with("disable", "demo-disable-1", &[("device", "A-107")])
+        .await?;
+    step.all(
+        "device.disabled, the disablement LED on and the fault LED off",
+        Duration::from_secs(10),
+        &[
+            &|t| acked(t, EventKind::DeviceDisabled),
+            &|t| written(t, "panel disablement LED", true),
+            &|t| written(t, "panel fault LED", false),
+        ],
+    )
+    .await?;
+    say(
+        "gateway",
+        "A-107 disabled: its fault no longer shows, the disablement LED tells the officer a detector is out of service"
+            .to_owned(),
+    );
+
+    pause().await;
     let received = upstream.received();
     say(
         "upstream",
@@ -555,7 +579,21 @@ impl Upstream {
     }
 
     async fn command(&self, name: &str, id: &str) -> anyhow::Result<()> {
-        let payload = serde_json::json!({ "id": id }).to_string();
+        self.command_with(name, id, &[]).await
+    }
+
+    /// Publishes command `name` with `id` and the string arguments `args`.
+    async fn command_with(
+        &self,
+        name: &str,
+        id: &str,
+        args: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let mut payload = serde_json::json!({ "id": id });
+        for (k, v) in args {
+            payload[*k] = serde_json::json!(v);
+        }
+        let payload = payload.to_string();
         self.client
             .publish(
                 format!("village/demo/cmd/{name}"),
