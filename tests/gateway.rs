@@ -985,16 +985,18 @@ async fn a_detector_disabled_by_an_mqtt_command_does_not_sound_on_its_alarm() {
     assert_eq!(result["ok"], true, "{result}");
     let enabled = sub.next_of("device.enabled", Duration::from_secs(10)).await;
     assert_eq!(enabled["data"]["command"], "d-4");
-    until(
+    // Both go out in the poller's next output pass, in either order.
+    let (mut led_off, mut sounder) = (false, false);
+    collect_until(
         &mut tap,
         Duration::from_secs(10),
-        "the disablement LED off",
-        |t| written(t, "panel disablement LED", false),
+        "the disablement LED off and the sounder on",
+        |t| {
+            led_off |= written(t, "panel disablement LED", false);
+            sounder |= written(t, "A-sounder", true);
+            led_off && sounder
+        },
     )
-    .await;
-    until(&mut tap, Duration::from_secs(10), "the sounder", |t| {
-        written(t, "A-sounder", true)
-    })
     .await;
     let alarm = sub.next_of("fire.alarm", Duration::from_secs(10)).await;
     assert_eq!(alarm["data"]["device"], "A-101");
