@@ -18,7 +18,8 @@
 //!   and [`FireEngine::start`] emits every level once.
 //! - **Alarms latch** until reset, even when the detector returns to normal (`fire.restored`
 //!   is reported; the alarm stays). EN 54-2 / GB 4717: the fire alarm condition is held until
-//!   a manual reset. A test-button reading or a pre-alarm never latches.
+//!   a manual reset. A test-button reading or a pre-alarm never latches; an alarm latched
+//!   before the detector reports test stays latched and sounding (a test never masks a fire).
 //! - **Silence** stops the sounders and the buzzer, never the fire LED. A new alarm anywhere
 //!   after a silence re-sounds (EN 54-2: silenced alarm devices re-sound on a new alarm); so
 //!   does the optional auto-resound timer ([`PanelSpec::auto_resound`], `alarm.resounded`).
