@@ -1294,6 +1294,19 @@ mod tests {
         assert!(!e.output(OutputId::Sounder(0)));
     }
 
+    #[test]
+    fn a_test_reading_never_masks_an_alarm_latched_before_it() {
+        let mut e = engine();
+        e.step(read(0, DetectorStatus::Alarm), t(1));
+        let step = e.step(read(0, DetectorStatus::Test), t(2));
+        assert_eq!(
+            kinds(&step),
+            [EventKind::FireRestored, EventKind::DeviceTest]
+        );
+        assert!(e.output(OutputId::Sounder(0)));
+        assert_eq!(e.latched(), vec![DeviceId::from("A-101")]);
+    }
+
     /// A reading of detector `detector` with status normal and heartbeat `beat`.
     fn beat(detector: usize, beat: u16) -> Input {
         let mut r = reading(DetectorStatus::Normal);
