@@ -580,7 +580,7 @@ fn command_input(
     let origin = Origin::Command(command.id);
     let detector = |device: &crate::event::DeviceId| {
         engine.detector_index(device).ok_or_else(|| {
-            format!("no detector is named {device:?}; disable and enable take a [[detector]] id")
+            format!("no detector is named \"{device}\"; disable and enable take a [[detector]] id")
         })
     };
     Ok(match command.kind {
