@@ -111,7 +111,8 @@ pub async fn run(
     }
     let disabled = engine.disabled();
     if !disabled.is_empty() {
-        warn!(detectors = ?disabled, "Detectors disabled before the restart are still disabled.");
+        let ids: Vec<&str> = disabled.iter().map(|d| d.0.as_str()).collect();
+        warn!(detectors = ?ids, "Detectors disabled before the restart are still disabled.");
         started_data
             .extra
             .insert("disabled_detectors".into(), serde_json::json!(disabled));
