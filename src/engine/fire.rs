@@ -51,6 +51,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::Zones;
 use crate::event::{DetectorReading, DetectorStatus, DeviceId, Event, EventData, EventKind};
 
+/// The most one gap between two reads of a heartbeat counts towards "unchanged for 60 s".
+/// Consecutive polls of a detector are less than 10 s apart (`check-config` refuses a bus
+/// whose worst-case scan exceeds 10 s), so a longer gap is the wall clock jumping (NTP
+/// setting the clock of a Pi that has no RTC, after boot), not a stuck detector.
+pub const MAX_HEARTBEAT_STEP: Duration = Duration::from_secs(10);
+
 /// A detector as the engine needs to know it.
 #[derive(Debug, Clone)]
 pub struct DetectorSpec {
@@ -177,8 +183,9 @@ struct DetectorState {
     in_fault: bool,
     /// The heartbeat has not moved for the detector's `heartbeat_timeout`.
     frozen: bool,
-    /// The last heartbeat value and when it was first read.
-    heartbeat: Option<(u16, SystemTime)>,
+    /// The last heartbeat value, when it was last read, and for how long it has been read
+    /// unchanged (see [`MAX_HEARTBEAT_STEP`]).
+    heartbeat: Option<(u16, SystemTime, Duration)>,
     offline: bool,
     missed: u32,
     disabled: bool,
@@ -598,12 +605,17 @@ impl FireEngine {
 
         // Heartbeat supervision: a value unchanged for the timeout is stuck firmware.
         next.frozen = false;
+        // The time unchanged is summed from the gaps between reads, each counted up to
+        // MAX_HEARTBEAT_STEP, so that a jump of the wall clock is no frozen heartbeat.
         match (reading.heartbeat, heartbeat_timeout) {
             (Some(beat), Some(limit)) => match next.heartbeat {
-                Some((last, since)) if last == beat => {
-                    next.frozen = now.duration_since(since).unwrap_or_default() >= limit;
+                Some((last, read_at, unchanged)) if last == beat => {
+                    let gap = now.duration_since(read_at).unwrap_or_default();
+                    let unchanged = unchanged + gap.min(MAX_HEARTBEAT_STEP);
+                    next.heartbeat = Some((beat, now, unchanged));
+                    next.frozen = unchanged >= limit;
                 }
-                _ => next.heartbeat = Some((beat, now)),
+                _ => next.heartbeat = Some((beat, now, Duration::ZERO)),
             },
             _ => next.heartbeat = None,
         }
@@ -1320,11 +1332,12 @@ mod tests {
     #[test]
     fn a_heartbeat_frozen_for_60_s_is_a_fault_that_clears_when_it_moves() {
         let mut e = engine();
-        assert!(e.step(beat(0, 7), t(0)).events.is_empty());
-        assert!(
-            e.step(beat(0, 7), t(59)).events.is_empty(),
-            "59 s is not yet stuck"
-        );
+        for s in 0..60 {
+            assert!(
+                e.step(beat(0, 7), t(s)).events.is_empty(),
+                "{s} s is not yet stuck"
+            );
+        }
         let step = e.step(beat(0, 7), t(60));
         assert_eq!(kinds(&step), [EventKind::DeviceFault]);
         assert_eq!(
@@ -1336,6 +1349,17 @@ mod tests {
         let step = e.step(beat(0, 8), t(62));
         assert_eq!(kinds(&step), [EventKind::DeviceFaultCleared]);
         assert!(!e.output(OutputId::PanelFaultLed));
+    }
+
+    #[test]
+    fn a_jump_of_the_wall_clock_is_no_frozen_heartbeat() {
+        let mut e = engine();
+        e.step(beat(0, 7), t(0));
+        // NTP sets the clock a year ahead between two reads of the same heartbeat value.
+        assert!(e.step(beat(0, 7), t(365 * 86_400)).events.is_empty());
+        assert!(e.step(beat(0, 8), t(365 * 86_400 + 1)).events.is_empty());
+        // Backwards too.
+        assert!(e.step(beat(0, 8), t(5)).events.is_empty());
     }
 
     #[test]
