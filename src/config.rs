@@ -32,6 +32,8 @@ pub struct Config {
     pub detectors: Vec<Detector>,
     pub sounders: Vec<Sounder>,
     pub doors: Vec<Door>,
+    /// `[[zone]]`: zones with settings of their own (coincidence); other zones need none.
+    pub zones: Vec<Zone>,
     pub panel: Panel,
 }
 
@@ -127,7 +129,13 @@ pub struct SmokeProfile {
     pub heartbeat_offset: Option<u16>,
     /// Holding register written with 1 on reset.
     pub remote_reset_register: Option<u16>,
+    /// A heartbeat unchanged for this long is a device fault (stuck firmware).
+    pub heartbeat_timeout: Option<Duration>,
 }
+
+/// `generic-smoke`'s frozen-heartbeat limit: "a value frozen for 60 s = device fault (stuck
+/// firmware)" (`shared/devices/generic.toml`).
+pub const GENERIC_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl SmokeProfile {
     /// The built-in `generic-smoke` profile (`shared/devices/generic.toml`): input registers
@@ -148,6 +156,7 @@ impl SmokeProfile {
             fault_bits_offset: Some(2),
             heartbeat_offset: Some(3),
             remote_reset_register: Some(16),
+            heartbeat_timeout: Some(GENERIC_HEARTBEAT_TIMEOUT),
         }
     }
 }
@@ -165,6 +174,9 @@ pub struct Detector {
     /// An alarm reading counts only when one immediate re-read of the unit confirms it, so
     /// one corrupted reply cannot sound a village. Costs one transaction per new alarm.
     pub confirm_alarm: bool,
+    /// A heartbeat unchanged for this long is a device fault: the profile's limit (60 s for
+    /// `generic-smoke`) unless `heartbeat_timeout` overrides it; `None` without a heartbeat.
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 /// Which zones a sounder serves.
@@ -213,9 +225,21 @@ pub struct Sounder {
     pub id: DeviceId,
     pub zones: Zones,
     pub output: OutputSpec,
+    /// Driven instead while `output` is in `sounder.fault` and the sounder should sound.
+    pub fallback: Option<OutputSpec>,
 }
 
-/// `[[door]]`. Parsed and validated; door control is not driven by this release.
+/// `[[zone]]`: settings of one zone (a building).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone {
+    pub id: String,
+    /// Door release (and other linkage) waits for two detectors of the zone in alarm
+    /// (GB 50116-2013 §4.1.6); sounders never wait.
+    pub coincidence: bool,
+}
+
+/// `[[door]]`. Card access is not driven by this release; a door with `release_on_fire` is
+/// released (coil 0, `lock_release` of `generic-door`) when its zone is in fire.
 #[derive(Debug, Clone)]
 pub struct Door {
     pub id: DeviceId,
@@ -233,8 +257,12 @@ pub struct Panel {
     pub fire_led: Option<OutputSpec>,
     pub fault_led: Option<OutputSpec>,
     pub buzzer: Option<OutputSpec>,
+    /// Lit while any detector is disabled (EN 54-2's general disablement indicator).
+    pub disablement_led: Option<OutputSpec>,
     pub silence_key: Option<InputSpec>,
     pub reset_key: Option<InputSpec>,
+    /// Silenced sounders sound again after this long while alarms are latched; `None` = off.
+    pub auto_resound: Option<Duration>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -305,6 +333,9 @@ struct RawConfig {
     /// `[[door]]`: door controllers.
     #[serde(default)]
     door: Vec<RawDoor>,
+    /// `[[zone]]`: per-zone settings.
+    #[serde(default)]
+    zone: Vec<RawZone>,
     /// `[panel]`: the micro fire-station panel.
     #[serde(default)]
     panel: RawPanel,
@@ -427,6 +458,8 @@ struct RawDetector {
     /// Confirm an alarm reading by one immediate re-read before it counts; default true.
     #[serde(default = "default_true")]
     confirm_alarm: bool,
+    /// A heartbeat unchanged this long is a fault; default the profile's (60s), 2s..=1h.
+    heartbeat_timeout: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -444,6 +477,18 @@ struct RawSounder {
     /// Zone names, or `["*"]` for every zone.
     zones: Vec<String>,
     output: RawOutput,
+    /// Output driven while `output` is in `sounder.fault` and the sounder should sound.
+    fallback: Option<RawOutput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawZone {
+    /// A zone some detector names.
+    id: String,
+    /// Door release waits for two detectors in alarm; default false.
+    #[serde(default)]
+    coincidence: bool,
 }
 
 /// `{ bus, unit, coil }` or `{ gpio, active_low }`.
@@ -495,8 +540,12 @@ struct RawPanel {
     fire_led: Option<RawOutput>,
     fault_led: Option<RawOutput>,
     buzzer: Option<RawOutput>,
+    /// Lit while any detector is disabled; default none.
+    disablement_led: Option<RawOutput>,
     silence_key: Option<RawInput>,
     reset_key: Option<RawInput>,
+    /// Re-sound silenced sounders after this long if alarms are still latched; default off.
+    auto_resound: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -572,8 +621,9 @@ impl Config {
 
     /// The built-in simulated village of `village-gateway demo`: `buses` pseudo-terminal
     /// buses named `a`, `b`, ... with `per_bus` detectors each (units 1..), a relay module at
-    /// unit 100 on every bus (coil 0 = the bus's sounder; on bus `a` coil 5 = panel fire LED,
-    /// 6 = fault LED, 7 = buzzer, discrete inputs 0/1 = silence/reset keys).
+    /// unit 100 on every bus (coil 0 = the bus's sounder; on bus `a` coil 4 = panel
+    /// disablement LED, 5 = fire LED, 6 = fault LED, 7 = buzzer, discrete inputs 0/1 =
+    /// silence/reset keys).
     ///
     /// `ports[i]` is the serial port of bus i, `url` the broker.
     pub fn simulated_village(ports: &[String], per_bus: u8, url: &str, state_dir: &Path) -> Config {
@@ -607,6 +657,7 @@ impl Config {
                     zone: zone.clone(),
                     location: format!("{zone}栋{}室", 100 + u16::from(u)),
                     confirm_alarm: true,
+                    heartbeat_timeout: Some(GENERIC_HEARTBEAT_TIMEOUT),
                 });
             }
             sounders.push(Sounder {
@@ -617,6 +668,7 @@ impl Config {
                     unit: UnitId(100),
                     coil: 0,
                 },
+                fallback: None,
             });
         }
         let panel_coil = |coil| {
@@ -650,10 +702,12 @@ impl Config {
             detectors,
             sounders,
             doors: Vec::new(),
+            zones: Vec::new(),
             panel: Panel {
                 fire_led: panel_coil(5),
                 fault_led: panel_coil(6),
                 buzzer: panel_coil(7),
+                disablement_led: panel_coil(4),
                 silence_key: Some(InputSpec::DiscreteInput {
                     bus: 0,
                     unit: UnitId(100),
@@ -664,6 +718,7 @@ impl Config {
                     unit: UnitId(100),
                     input: 1,
                 }),
+                auto_resound: None,
             },
         }
     }
@@ -842,6 +897,20 @@ impl Validator {
             if d.zone.is_empty() {
                 self.problem(format!("{key}.zone"), "a detector needs a zone");
             }
+            let heartbeat_timeout = match d.heartbeat_timeout.as_deref() {
+                None => profile.heartbeat_timeout,
+                Some(s) => {
+                    let k = format!("{key}.heartbeat_timeout");
+                    let t = self.duration(&k, Some(s), GENERIC_HEARTBEAT_TIMEOUT);
+                    if !(Duration::from_secs(2)..=Duration::from_secs(3600)).contains(&t) {
+                        self.problem(&k, "must be between 2s and 1h");
+                    }
+                    if profile.heartbeat_offset.is_none() {
+                        self.problem(&k, "the profile has no heartbeat register");
+                    }
+                    Some(t)
+                }
+            };
             detectors.push(Detector {
                 id,
                 bus,
@@ -850,6 +919,7 @@ impl Validator {
                 zone: d.zone,
                 location: d.location,
                 confirm_alarm: d.confirm_alarm,
+                heartbeat_timeout,
             });
         }
         let zones: HashSet<String> = detectors.iter().map(|d| d.zone.clone()).collect();
@@ -887,10 +957,24 @@ impl Validator {
                     "output module",
                 );
             }
+            let fallback = s.fallback.map(|f| {
+                let spec = self.output(&format!("{key}.fallback"), f, &bus_index);
+                if let OutputSpec::Coil { bus, unit, .. } = spec {
+                    claim(
+                        self,
+                        &format!("{key}.fallback.unit"),
+                        bus,
+                        unit,
+                        "output module",
+                    );
+                }
+                spec
+            });
             sounders.push(Sounder {
                 id,
                 zones: zones_spec,
                 output,
+                fallback,
             });
         }
 
@@ -921,6 +1005,39 @@ impl Validator {
             });
         }
 
+        let mut zone_settings: Vec<Zone> = Vec::new();
+        for (i, z) in raw.zone.into_iter().enumerate() {
+            let key = format!("zone[{i}].id");
+            if !zones.contains(&z.id) {
+                self.problem(&key, format!("no detector is in zone {:?}", z.id));
+            } else if zone_settings.iter().any(|o| o.id == z.id) {
+                self.problem(&key, format!("zone {:?} is configured twice", z.id));
+            } else if z.coincidence && detectors.iter().filter(|d| d.zone == z.id).count() < 2 {
+                self.problem(
+                    format!("zone[{i}].coincidence"),
+                    format!(
+                        "zone {:?} has fewer than two detectors, so its linkage could never act",
+                        z.id
+                    ),
+                );
+            }
+            zone_settings.push(Zone {
+                id: z.id,
+                coincidence: z.coincidence,
+            });
+        }
+        for (i, d) in doors.iter().enumerate() {
+            if d.release_on_fire && !zones.contains(&d.zone) {
+                self.problem(
+                    format!("door[{i}].zone"),
+                    format!(
+                        "no detector is in zone {:?}, so release_on_fire can never act",
+                        d.zone
+                    ),
+                );
+            }
+        }
+
         let p = raw.panel;
         let mut out = |v: &mut Self, name: &str, o: Option<RawOutput>| {
             o.map(|o| {
@@ -934,16 +1051,25 @@ impl Validator {
         let fire_led = out(self, "fire_led", p.fire_led);
         let fault_led = out(self, "fault_led", p.fault_led);
         let buzzer = out(self, "buzzer", p.buzzer);
+        let disablement_led = out(self, "disablement_led", p.disablement_led);
         let panel = Panel {
             fire_led,
             fault_led,
             buzzer,
+            disablement_led,
             silence_key: p
                 .silence_key
                 .map(|i| self.input("panel.silence_key", i, &bus_index)),
             reset_key: p
                 .reset_key
                 .map(|i| self.input("panel.reset_key", i, &bus_index)),
+            auto_resound: p.auto_resound.as_deref().map(|s| {
+                let t = self.duration("panel.auto_resound", Some(s), Duration::ZERO);
+                if t < Duration::from_secs(10) {
+                    self.problem("panel.auto_resound", "must be at least 10s");
+                }
+                t
+            }),
         };
         self.gpio_conflicts(&sounders, &panel);
 
@@ -956,6 +1082,7 @@ impl Validator {
             detectors,
             sounders,
             doors,
+            zones: zone_settings,
             panel,
         };
         // Only a config without other problems: placeholders (a bad baud rate) would make a
@@ -1232,11 +1359,20 @@ impl Validator {
         let outputs: Vec<(String, Option<&OutputSpec>)> = sounders
             .iter()
             .enumerate()
-            .map(|(i, s)| (format!("sounder[{i}].output"), Some(&s.output)))
+            .flat_map(|(i, s)| {
+                [
+                    (format!("sounder[{i}].output"), Some(&s.output)),
+                    (format!("sounder[{i}].fallback"), s.fallback.as_ref()),
+                ]
+            })
             .chain([
                 ("panel.fire_led".to_owned(), panel.fire_led.as_ref()),
                 ("panel.fault_led".to_owned(), panel.fault_led.as_ref()),
                 ("panel.buzzer".to_owned(), panel.buzzer.as_ref()),
+                (
+                    "panel.disablement_led".to_owned(),
+                    panel.disablement_led.as_ref(),
+                ),
             ])
             .collect();
         for (key, o) in &outputs {
@@ -1488,6 +1624,103 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
         let e = check(&text).unwrap_err();
         let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["sounder[0].id", "panel.buzzer"], "{e}");
+    }
+
+    #[test]
+    fn fire_keys_validate_with_their_defaults() {
+        let c = check(GOOD).unwrap();
+        assert_eq!(
+            c.detectors[0].heartbeat_timeout,
+            Some(Duration::from_secs(60)),
+            "generic-smoke's 60 s"
+        );
+        assert_eq!(c.sounders[0].fallback, None);
+        assert!(c.zones.is_empty());
+        assert_eq!(c.panel.auto_resound, None);
+
+        let text = GOOD
+            .replace(
+                "location = \"A栋101室\"\n",
+                "location = \"A栋101室\"\nheartbeat_timeout = \"5s\"\n",
+            )
+            .replace(
+                "output = { bus = \"a\", unit = 100, coil = 0 }\n",
+                "output = { bus = \"a\", unit = 100, coil = 0 }\nfallback = { gpio = 18 }\n",
+            )
+            .replace(
+                "[panel]\n",
+                "[[detector]]\nid = \"A-102\"\nbus = \"a\"\nunit = 2\nzone = \"A\"\n\
+                 [[zone]]\nid = \"A\"\ncoincidence = true\n[panel]\nauto_resound = \"10min\"\n",
+            );
+        let c = check(&text).unwrap();
+        assert_eq!(
+            c.detectors[0].heartbeat_timeout,
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            c.sounders[0].fallback,
+            Some(OutputSpec::Gpio {
+                pin: 18,
+                active_low: false
+            })
+        );
+        assert_eq!(
+            c.zones,
+            [Zone {
+                id: "A".into(),
+                coincidence: true
+            }]
+        );
+        assert_eq!(c.panel.auto_resound, Some(Duration::from_secs(600)));
+    }
+
+    #[test]
+    fn bad_fire_keys_are_refused_with_their_keys() {
+        let text = GOOD
+            .replace(
+                "location = \"A栋101室\"\n",
+                "location = \"A栋101室\"\nheartbeat_timeout = \"1s\"\n",
+            )
+            .replace(
+                "output = { bus = \"a\", unit = 100, coil = 0 }\n",
+                "output = { bus = \"a\", unit = 100, coil = 0 }\nfallback = { gpio = 5 }\n",
+            )
+            .replace(
+                "[panel]\n",
+                "[[zone]]\nid = \"Z\"\ncoincidence = true\n\
+                 [[door]]\nid = \"Z-gate\"\nbus = \"a\"\nunit = 50\nzone = \"Z\"\nrelease_on_fire = true\n\
+                 [panel]\nauto_resound = \"5s\"\n",
+            );
+        let e = check(&text).unwrap_err();
+        let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "detector[0].heartbeat_timeout",
+                "zone[0].id",
+                "door[0].zone",
+                "panel.auto_resound",
+                "panel.fire_led",
+            ],
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("GPIO 5 is already used by sounder[0].fallback"),
+            "{e}"
+        );
+        assert!(e.problems.iter().all(|p| p.line.is_some()), "{e}");
+
+        let text = GOOD.replace(
+            "[panel]\n",
+            "[[zone]]\nid = \"A\"\ncoincidence = true\n[panel]\n",
+        );
+        let e = check(&text).unwrap_err();
+        assert_eq!(e.problems[0].key, "zone[0].coincidence", "{e}");
+        assert!(
+            e.problems[0].message.contains("fewer than two detectors"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! whose output actions are applied (a `watch` level and a wake of the bus) before its events
 //! are handed to the store writer thread, which appends them durably and wakes the uplink.
 //!
+//! The engine loop also feeds the engine an `Input::Tick` once a second (the fault buzzer's
+//! pulse, the auto-resound timer) and turns upstream commands into engine inputs; a command
+//! naming an unknown detector gets an error result.
+//!
 //! Shutdown: the token is cancelled (SIGTERM, SIGINT); pollers and the engine loop stop; the
 //! store writer drains what the engine handed it, then flushes; the uplink stops.
 
@@ -19,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, InputSpec, OutputSpec};
-use crate::engine::fire::{DetectorSpec, Origin, PanelSpec, SounderSpec};
+use crate::engine::fire::{DetectorSpec, DoorSpec, Origin, PanelSpec, SounderSpec};
 use crate::engine::{Action, FireEngine, Input, Latched, OutputId, Step};
 use crate::event::{CommandKind, Event, EventData, EventKind, Seq, Status, UnitId};
 use crate::field::frame::Request;
@@ -105,6 +109,14 @@ pub async fn run(
             .extra
             .insert("restored_fire_alarms".into(), serde_json::json!(restored));
     }
+    let disabled = engine.disabled();
+    if !disabled.is_empty() {
+        let ids: Vec<&str> = disabled.iter().map(|d| d.0.as_str()).collect();
+        warn!(detectors = ?ids, "Detectors disabled before the restart are still disabled.");
+        started_data
+            .extra
+            .insert("disabled_detectors".into(), serde_json::json!(disabled));
+    }
     let mut start_events = vec![Event::new(EventKind::GatewayStarted, started, started_data)];
 
     // One wanted level per output; the bus's poller or a GPIO driver follows it.
@@ -161,10 +173,10 @@ pub async fn run(
         let (tx, rx) = watch::channel(engine.output(output));
         match spec {
             OutputSpec::Coil { bus, unit, coil } => {
-                plans[*bus].coils.push(CoilOutput {
+                plans[bus].coils.push(CoilOutput {
                     name: name.clone(),
-                    unit: *unit,
-                    coil: *coil,
+                    unit,
+                    coil,
                     wanted: rx,
                 });
                 levels.insert(
@@ -172,12 +184,12 @@ pub async fn run(
                     Level {
                         name,
                         tx,
-                        wake: Some(wakes[*bus].clone()),
+                        wake: Some(wakes[bus].clone()),
                     },
                 );
             }
             OutputSpec::Gpio { pin, active_low } => {
-                match GpioOutput::open(*pin, *active_low) {
+                match GpioOutput::open(pin, active_low) {
                     Ok(driver) => {
                         tracker.spawn(outputs::follow(
                             name.clone(),
@@ -283,7 +295,8 @@ pub async fn run(
         status: status_tx,
     };
 
-    let first = engine.start();
+    let first = engine.start(SystemTime::now());
+    start_events.extend(first.events);
     actuator.apply(
         Step {
             actions: first.actions,
@@ -307,7 +320,10 @@ pub async fn run(
     // The last level read of each panel key: a press is a change to on after a first read.
     let mut keys: HashMap<String, Option<bool>> = HashMap::new();
     let mut last_progress: Vec<Instant> = vec![Instant::now(); config.buses.len()];
+    // The engine's clock (fault buzzer pulse, auto-resound): a late tick is not made up in a
+    // burst, which would flutter the buzzer.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
@@ -359,19 +375,19 @@ pub async fn run(
             }
             request = commands.recv() => {
                 let Some(CommandRequest { command, reply }) = request else { continue };
-                let origin = Origin::Command(command.id.clone());
-                let input = match command.kind {
-                    CommandKind::Silence => Some(Input::Silence(origin)),
-                    CommandKind::Reset => Some(Input::Reset(origin)),
-                    CommandKind::Status => None,
+                let result = match command_input(&engine, command) {
+                    Ok(Some(input)) => {
+                        let step = engine.step(input, SystemTime::now());
+                        actuator.apply(step, &engine);
+                        Ok(())
+                    }
+                    Ok(None) => {
+                        actuator.status.send_modify(|_| {});
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
                 };
-                if let Some(input) = input {
-                    let step = engine.step(input, SystemTime::now());
-                    actuator.apply(step, &engine);
-                } else {
-                    actuator.status.send_modify(|_| {});
-                }
-                let _ = reply.send(Ok(()));
+                let _ = reply.send(result);
             }
             _ = tick.tick() => {
                 // Ping the watchdog only while every bus makes progress (a poll, a miss or a
@@ -379,6 +395,9 @@ pub async fn run(
                 if watchdog && last_progress.iter().all(|t| t.elapsed() < Duration::from_secs(30)) {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                 }
+                // The fault buzzer's pulse and the auto-resound timer run on this tick.
+                let step = engine.step(Input::Tick, SystemTime::now());
+                actuator.apply(step, &engine);
             }
         }
     }
@@ -466,11 +485,15 @@ impl Actuator {
             let active = engine.latched();
             let faults = engine.faults();
             let silenced = engine.silenced();
-            let changed =
-                s.active_fire_alarms != active || s.faults != faults || s.silenced != silenced;
+            let disabled = engine.disabled();
+            let changed = s.active_fire_alarms != active
+                || s.faults != faults
+                || s.silenced != silenced
+                || s.disabled != disabled;
             s.active_fire_alarms = active;
             s.faults = faults;
             s.silenced = silenced;
+            s.disabled = disabled;
             changed
         });
     }
@@ -504,6 +527,7 @@ fn build_engine(config: &Config) -> FireEngine {
             location: d.location.clone(),
             offline_after: config.buses[d.bus].offline_after,
             remote_reset: d.profile.remote_reset_register.is_some(),
+            heartbeat_timeout: d.heartbeat_timeout,
         })
         .collect();
     let sounders = config
@@ -512,24 +536,85 @@ fn build_engine(config: &Config) -> FireEngine {
         .map(|s| SounderSpec {
             id: s.id.clone(),
             zones: s.zones.clone(),
+            fallback: s.fallback.is_some(),
         })
         .collect();
     let panel = PanelSpec {
         fire_led: config.panel.fire_led.is_some(),
         fault_led: config.panel.fault_led.is_some(),
         buzzer: config.panel.buzzer.is_some(),
+        disablement_led: config.panel.disablement_led.is_some(),
+        auto_resound: config.panel.auto_resound,
     };
-    FireEngine::new(detectors, sounders, panel)
+    let doors = released_doors(config)
+        .map(|d| DoorSpec {
+            id: d.id.clone(),
+            zone: d.zone.clone(),
+            location: d.location.clone(),
+        })
+        .collect();
+    let coincidence = config
+        .zones
+        .iter()
+        .filter(|z| z.coincidence)
+        .map(|z| z.id.clone())
+        .collect();
+    FireEngine::new(detectors, sounders, panel).with_doors(doors, coincidence)
 }
 
-/// Every output of the config with the engine's id and its name (in logs, reports, the demo).
-pub fn output_specs(config: &Config) -> Vec<(OutputId, String, &OutputSpec)> {
-    let mut v: Vec<(OutputId, String, &OutputSpec)> = config
+/// The doors the engine releases on fire, in the order of their [`OutputId::Door`] index.
+fn released_doors(config: &Config) -> impl Iterator<Item = &crate::config::Door> {
+    config.doors.iter().filter(|d| d.release_on_fire)
+}
+
+/// The engine input of an upstream command; `None` for `status`.
+///
+/// # Errors
+/// The command names a device that is not a configured detector.
+fn command_input(
+    engine: &FireEngine,
+    command: crate::event::Command,
+) -> Result<Option<Input>, String> {
+    let origin = Origin::Command(command.id);
+    let detector = |device: &crate::event::DeviceId| {
+        engine.detector_index(device).ok_or_else(|| {
+            format!("no detector is named \"{device}\"; disable and enable take a [[detector]] id")
+        })
+    };
+    Ok(match command.kind {
+        CommandKind::Silence => Some(Input::Silence(origin)),
+        CommandKind::Reset => Some(Input::Reset(origin)),
+        CommandKind::Status => None,
+        CommandKind::Disable { device } => Some(Input::Disable {
+            detector: detector(&device)?,
+            origin,
+        }),
+        CommandKind::Enable { device } => Some(Input::Enable {
+            detector: detector(&device)?,
+            origin,
+        }),
+    })
+}
+
+/// Every output of the config with the engine's id and its name (in logs, reports, the demo):
+/// sounders, their fallbacks (`<id> fallback`), the panel, and the `lock_release` coil
+/// (coil 0 of `generic-door`) of each door released on fire (named by the door's id).
+pub fn output_specs(config: &Config) -> Vec<(OutputId, String, OutputSpec)> {
+    let mut v: Vec<(OutputId, String, OutputSpec)> = config
         .sounders
         .iter()
         .enumerate()
-        .map(|(i, s)| (OutputId::Sounder(i), s.id.0.clone(), &s.output))
+        .map(|(i, s)| (OutputId::Sounder(i), s.id.0.clone(), s.output.clone()))
         .collect();
+    for (i, s) in config.sounders.iter().enumerate() {
+        if let Some(fallback) = &s.fallback {
+            v.push((
+                OutputId::SounderFallback(i),
+                format!("{} fallback", s.id),
+                fallback.clone(),
+            ));
+        }
+    }
     let panel = [
         (
             OutputId::PanelFireLed,
@@ -542,11 +627,24 @@ pub fn output_specs(config: &Config) -> Vec<(OutputId, String, &OutputSpec)> {
             &config.panel.fault_led,
         ),
         (OutputId::PanelBuzzer, "panel buzzer", &config.panel.buzzer),
+        (
+            OutputId::PanelDisablementLed,
+            "panel disablement LED",
+            &config.panel.disablement_led,
+        ),
     ];
     for (id, name, spec) in panel {
         if let Some(spec) = spec {
-            v.push((id, name.to_owned(), spec));
+            v.push((id, name.to_owned(), spec.clone()));
         }
+    }
+    for (i, d) in released_doors(config).enumerate() {
+        let lock_release = OutputSpec::Coil {
+            bus: d.bus,
+            unit: d.unit,
+            coil: 0,
+        };
+        v.push((OutputId::Door(i), d.id.0.clone(), lock_release));
     }
     v
 }

@@ -121,7 +121,7 @@ pub async fn run(
         let names: std::collections::HashMap<(UnitId, u16), String> = daemon::output_specs(&config)
             .into_iter()
             .filter_map(|(_, name, spec)| match spec {
-                OutputSpec::Coil { bus, unit, coil } if *bus == b => Some(((*unit, *coil), name)),
+                OutputSpec::Coil { bus, unit, coil } if bus == b => Some(((unit, coil), name)),
                 _ => None,
             })
             .collect();
@@ -175,7 +175,24 @@ pub async fn run(
     pause().await;
     say(
         "scenario",
-        "Smoke fills room A-103: detector unit 3 on bus a goes into alarm.".to_owned(),
+        "Smoke rises in A-103: detector unit 3 on bus a reports pre-alarm.".to_owned(),
+    );
+    sims[0].set_smoke(UnitId(3), SmokeState::PreAlarm);
+    step.all(
+        "fire.pre_alarm",
+        Duration::from_secs(10),
+        &[&|t| acked(t, EventKind::FirePreAlarm)],
+    )
+    .await?;
+    say(
+        "gateway",
+        "a warning upstream only: nothing sounds for a pre-alarm".to_owned(),
+    );
+
+    pause().await;
+    say(
+        "scenario",
+        "Smoke fills room A-103: the detector goes into alarm.".to_owned(),
     );
     let smoke_at = Instant::now();
     sims[0].set_smoke(UnitId(3), SmokeState::Alarm);
@@ -304,16 +321,56 @@ pub async fn run(
     );
     sims[0].set_offline(UnitId(7), true);
     step.all(
-        "device.offline and the fault LED",
+        "device.offline, the fault LED and the buzzer's pulse",
         Duration::from_secs(20),
-        &[&|t| acked(t, EventKind::DeviceOffline), &|t| {
-            written(t, "panel fault LED", true)
-        }],
+        &[
+            &|t| acked(t, EventKind::DeviceOffline),
+            &|t| written(t, "panel fault LED", true),
+            &|t| written(t, "panel buzzer", true),
+        ],
     )
     .await?;
     say(
         "gateway",
-        "A-107 offline after 3 missed polls in a row; panel fault LED on".to_owned(),
+        "A-107 offline after 3 missed polls in a row; panel fault LED on, buzzer pulsing"
+            .to_owned(),
+    );
+
+    pause().await;
+    say(
+        "scenario",
+        "The officer silences the fault buzzer (MQTT command); the fault LED stays on.".to_owned(),
+    );
+    upstream.command("silence", "demo-silence-2").await?;
+    step.all(
+        "alarm.silenced",
+        Duration::from_secs(10),
+        &[&|t| acked(t, EventKind::AlarmSilenced)],
+    )
+    .await?;
+
+    pause().await;
+    say(
+        "scenario",
+        "Until the wire is repaired, the officer disables A-107 (MQTT command).".to_owned(),
+    );
+    upstream
+        .command_with("disable", "demo-disable-1", &[("device", "A-107")])
+        .await?;
+    step.all(
+        "device.disabled, the disablement LED on and the fault LED off",
+        Duration::from_secs(10),
+        &[
+            &|t| acked(t, EventKind::DeviceDisabled),
+            &|t| written(t, "panel disablement LED", true),
+            &|t| written(t, "panel fault LED", false),
+        ],
+    )
+    .await?;
+    say(
+        "gateway",
+        "A-107 disabled: its fault no longer shows, the disablement LED tells the officer a detector is out of service"
+            .to_owned(),
     );
 
     pause().await;
@@ -522,7 +579,21 @@ impl Upstream {
     }
 
     async fn command(&self, name: &str, id: &str) -> anyhow::Result<()> {
-        let payload = serde_json::json!({ "id": id }).to_string();
+        self.command_with(name, id, &[]).await
+    }
+
+    /// Publishes command `name` with `id` and the string arguments `args`.
+    async fn command_with(
+        &self,
+        name: &str,
+        id: &str,
+        args: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let mut payload = serde_json::json!({ "id": id });
+        for (k, v) in args {
+            payload[*k] = serde_json::json!(v);
+        }
+        let payload = payload.to_string();
         self.client
             .publish(
                 format!("village/demo/cmd/{name}"),

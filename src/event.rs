@@ -8,6 +8,18 @@
 //!   ([`Event::to_cloudevent`]); `id` = `"<gateway>-<seq>"` is the upstream de-duplication key.
 //! - A [`Command`] comes from upstream (`<prefix>/<gw>/cmd/<name>`); a malformed one is an
 //!   error value, never a panic.
+//!
+//! Additions to DESIGN.md §3 (issue 3), all in the urgent lane:
+//! - event types `fire.pre_alarm` / `fire.pre_alarm_cleared` (a warning, never sounds),
+//!   `device.test` / `device.test_ended` (the detector's own test button),
+//!   `device.disabled` / `device.enabled` (`data.command` = the command id that asked, or
+//!   `data.reason` = "panel key"), `alarm.resounded` (`[panel] auto_resound` elapsed);
+//! - `door.released` carries the alarms that released the door in `data.devices`;
+//!   `alarm.reset` lists the doors it locked again in `data.extra.doors_locked`;
+//!   `alarm.silenced` lists the faults whose buzzer it silenced in `data.extra.faults`;
+//!   `gateway.started` lists `data.extra.disabled_detectors` kept over the restart;
+//! - commands `disable` / `enable` `{"id", "device": "<detector id>"}`: an unknown or missing
+//!   device is an error result; the status gains `disabled` (detector ids).
 
 use std::fmt;
 use std::time::SystemTime;
@@ -96,7 +108,7 @@ pub enum Lane {
 }
 
 /// The CloudEvents `type` of an event (DESIGN.md §3). The names are the upstream contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum EventKind {
     #[serde(rename = "fire.alarm")]
     FireAlarm,
@@ -116,6 +128,31 @@ pub enum EventKind {
     DeviceOnline,
     #[serde(rename = "sounder.fault")]
     SounderFault,
+    /// Contract addition (issue 3): a detector reports pre-alarm (smoke rising, below the
+    /// alarm threshold). A warning only: it never sounds.
+    #[serde(rename = "fire.pre_alarm")]
+    FirePreAlarm,
+    /// Contract addition (issue 3): the detector left pre-alarm.
+    #[serde(rename = "fire.pre_alarm_cleared")]
+    FirePreAlarmCleared,
+    /// Contract addition (issue 3): silenced sounders sounded again because the
+    /// `[panel] auto_resound` time passed with alarms still latched.
+    #[serde(rename = "alarm.resounded")]
+    AlarmResounded,
+    /// Contract addition (issue 3): a detector was disabled (`data.command` = who asked);
+    /// its conditions (fault, offline, pre-alarm, test) end with it.
+    #[serde(rename = "device.disabled")]
+    DeviceDisabled,
+    /// Contract addition (issue 3): a disabled detector was enabled again.
+    #[serde(rename = "device.enabled")]
+    DeviceEnabled,
+    /// Contract addition (issue 3): a detector reports its test status (its own test
+    /// button); never a fire.
+    #[serde(rename = "device.test")]
+    DeviceTest,
+    /// Contract addition (issue 3): the detector left its test status.
+    #[serde(rename = "device.test_ended")]
+    DeviceTestEnded,
     #[serde(rename = "access.granted")]
     AccessGranted,
     #[serde(rename = "access.denied")]
@@ -147,6 +184,13 @@ impl EventKind {
             EventKind::DeviceOffline => "device.offline",
             EventKind::DeviceOnline => "device.online",
             EventKind::SounderFault => "sounder.fault",
+            EventKind::FirePreAlarm => "fire.pre_alarm",
+            EventKind::FirePreAlarmCleared => "fire.pre_alarm_cleared",
+            EventKind::AlarmResounded => "alarm.resounded",
+            EventKind::DeviceDisabled => "device.disabled",
+            EventKind::DeviceEnabled => "device.enabled",
+            EventKind::DeviceTest => "device.test",
+            EventKind::DeviceTestEnded => "device.test_ended",
             EventKind::AccessGranted => "access.granted",
             EventKind::AccessDenied => "access.denied",
             EventKind::AccessFlagged => "access.flagged",
@@ -169,7 +213,14 @@ impl EventKind {
             | EventKind::DeviceFaultCleared
             | EventKind::DeviceOffline
             | EventKind::DeviceOnline
-            | EventKind::SounderFault => Lane::Urgent,
+            | EventKind::SounderFault
+            | EventKind::FirePreAlarm
+            | EventKind::FirePreAlarmCleared
+            | EventKind::AlarmResounded
+            | EventKind::DeviceDisabled
+            | EventKind::DeviceEnabled
+            | EventKind::DeviceTest
+            | EventKind::DeviceTestEnded => Lane::Urgent,
             EventKind::AccessGranted
             | EventKind::AccessDenied
             | EventKind::AccessFlagged
@@ -283,6 +334,10 @@ pub enum CommandKind {
     Reset,
     /// Publish the retained status now.
     Status,
+    /// Disable a detector (EN 54-2 disablement): `{"id", "device": "A-101"}`.
+    Disable { device: DeviceId },
+    /// Enable a disabled detector again: `{"id", "device": "A-101"}`.
+    Enable { device: DeviceId },
 }
 
 /// Why a command could not be parsed. The text goes back in the command's result.
@@ -292,6 +347,9 @@ pub enum CommandError {
     Unknown(String),
     #[error("payload is not a JSON object with a string \"id\": {0}")]
     Malformed(String),
+    /// The payload lacks an argument the command needs, or has it of the wrong type.
+    #[error("{0}")]
+    BadArgument(String),
 }
 
 impl Command {
@@ -316,6 +374,22 @@ impl Command {
             "silence" => CommandKind::Silence,
             "reset" => CommandKind::Reset,
             "status" => CommandKind::Status,
+            "disable" | "enable" => {
+                let device = match value.get("device") {
+                    Some(serde_json::Value::String(d)) if !d.is_empty() => DeviceId(d.clone()),
+                    _ => {
+                        let e = CommandError::BadArgument(format!(
+                            "{name} needs \"device\": the id of a detector, as a string"
+                        ));
+                        return Err((Some(id), e));
+                    }
+                };
+                if name == "disable" {
+                    CommandKind::Disable { device }
+                } else {
+                    CommandKind::Enable { device }
+                }
+            }
             other => return Err((Some(id), CommandError::Unknown(other.to_owned()))),
         };
         Ok(Command { id, kind })
@@ -333,6 +407,9 @@ pub struct Status {
     pub faults: Vec<DeviceId>,
     /// Whether the sounders are silenced.
     pub silenced: bool,
+    /// Disabled detectors.
+    #[serde(default)]
+    pub disabled: Vec<DeviceId>,
     /// Events waiting in the outbox.
     pub outbox_depth: u64,
     /// Age of the oldest waiting event, in seconds.
@@ -394,6 +471,36 @@ mod tests {
                 kind: CommandKind::Reset
             }
         );
+    }
+
+    #[test]
+    fn disable_and_enable_name_their_device_or_are_refused() {
+        assert_eq!(
+            Command::parse("disable", br#"{"id":"d1","device":"A-101"}"#).unwrap(),
+            Command {
+                id: "d1".into(),
+                kind: CommandKind::Disable {
+                    device: "A-101".into()
+                }
+            }
+        );
+        assert_eq!(
+            Command::parse("enable", br#"{"id":"e1","device":"A-101"}"#)
+                .unwrap()
+                .kind,
+            CommandKind::Enable {
+                device: "A-101".into()
+            }
+        );
+        for payload in [
+            &br#"{"id":"d2"}"#[..],
+            br#"{"id":"d2","device":7}"#,
+            br#"{"id":"d2","device":""}"#,
+        ] {
+            let (id, e) = Command::parse("disable", payload).unwrap_err();
+            assert_eq!(id.as_deref(), Some("d2"));
+            assert!(matches!(e, CommandError::BadArgument(m) if m.contains("device")));
+        }
     }
 
     #[test]

@@ -63,9 +63,11 @@ fn written(t: &Tap, output: &str, level: bool) -> bool {
     matches!(t, Tap::Field(FieldReport::OutputWritten { name, on, ok: true, .. }) if name == output && *on == level)
 }
 
-/// An upstream subscriber: every event payload received, by seq (duplicates counted).
+/// An upstream subscriber: every event payload received, by seq (duplicates counted), and
+/// every command result.
 struct Subscriber {
     events: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    results: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
     client: rumqttc::AsyncClient,
 }
 
@@ -79,6 +81,7 @@ impl Subscriber {
             .await
             .unwrap();
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let (results_tx, results) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
@@ -90,12 +93,46 @@ impl Subscriber {
                             return;
                         }
                     }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))
+                        if p.topic.ends_with("/cmd-result") =>
+                    {
+                        let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                        let _ = results_tx.send(v);
+                    }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
         });
-        Subscriber { events, client }
+        Subscriber {
+            events,
+            results,
+            client,
+        }
+    }
+
+    /// Publishes command `name` with `payload` and returns its result.
+    async fn command(&mut self, name: &str, payload: serde_json::Value) -> serde_json::Value {
+        let id = payload["id"].clone();
+        self.client
+            .publish(
+                format!("village/demo/cmd/{name}"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload.to_string(),
+            )
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let r = self.results.recv().await.expect("subscriber ended");
+                if r["id"] == id {
+                    return r;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no result for command {name} {id} within 10 s"))
     }
 
     /// The next event of `kind`, skipping others; panics after `limit`.
@@ -724,4 +761,705 @@ fn a_bad_config_is_refused_with_its_file_line_and_key() {
         .output()
         .unwrap();
     assert_eq!(run.status.code(), Some(78));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Behaving like a fire alarm control unit (issue 3): pre-alarm, test, disablement,
+// supervision, linkage with coincidence, restart safety.
+
+/// The engine raised an event of `kind` about `device`.
+fn raised(t: &Tap, kind: EventKind, device: &str) -> bool {
+    matches!(t, Tap::Raised(e) if e.kind == kind && e.data.device.as_ref().is_some_and(|d| d.0 == device))
+}
+
+/// The engine wanted `output` at `level`.
+fn wanted(t: &Tap, output: &str, level: bool) -> bool {
+    matches!(t, Tap::OutputWanted { output: o, on, .. } if o == output && *on == level)
+}
+
+/// Every tap up to and including the one that makes `done` true.
+async fn collect_until(
+    tap: &mut broadcast::Receiver<Tap>,
+    limit: Duration,
+    what: &str,
+    mut done: impl FnMut(&Tap) -> bool,
+) -> Vec<Tap> {
+    let mut seen = Vec::new();
+    tokio::time::timeout(limit, async {
+        loop {
+            match tap.recv().await {
+                Ok(t) => {
+                    let end = done(&t);
+                    seen.push(t);
+                    if end {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    panic!("tap lagged by {n} while waiting for {what}")
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    panic!("gateway stopped while waiting for {what}")
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} did not happen within {limit:?}"));
+    seen
+}
+
+/// Every tap until detector `detector` has been read with `status` and the engine has had
+/// the bus's next scan cycle after it: whatever that reading makes the engine do is in there.
+async fn read_and_handled(
+    tap: &mut broadcast::Receiver<Tap>,
+    detector: usize,
+    status: village_gateway::event::DetectorStatus,
+) -> Vec<Tap> {
+    let mut read = false;
+    collect_until(
+        tap,
+        Duration::from_secs(10),
+        "the reading and the next scan cycle",
+        |t| match t {
+            Tap::Field(FieldReport::Reading {
+                detector: d,
+                reading,
+                ..
+            }) if *d == detector && reading.status == status => {
+                read = true;
+                false
+            }
+            Tap::Field(FieldReport::Cycle { .. }) => read,
+            _ => false,
+        },
+    )
+    .await
+}
+
+/// A connected upstream subscriber (its subscription live) and a started gateway whose uplink
+/// has subscribed to its commands.
+async fn with_uplink(
+    config: Config,
+    broker_port: u16,
+    name: &str,
+) -> (Subscriber, Gateway, broadcast::Receiver<Tap>) {
+    let sub = Subscriber::connect(broker_port, name).await;
+    wait_subscribed(&sub).await;
+    let mut sub = sub;
+    sub.next_of("probe", Duration::from_secs(10)).await;
+    let (gw, mut tap) = Gateway::start(config);
+    until(&mut tap, Duration::from_secs(10), "the uplink", |t| {
+        matches!(t, Tap::Uplink(UplinkTap::Connected))
+    })
+    .await;
+    (sub, gw, tap)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pre_alarm_and_the_test_button_are_reported_and_never_sound() {
+    use village_gateway::event::DetectorStatus;
+    let Village {
+        sim,
+        pty: _pty,
+        broker,
+        state: _state,
+        config,
+    } = Village::on_a_pty(3);
+    let (mut sub, gw, mut tap) = with_uplink(config, broker.port(), "it-prealarm").await;
+
+    sim.set_smoke(UnitId(1), SmokeState::PreAlarm);
+    let mut seen = read_and_handled(&mut tap, 0, DetectorStatus::PreAlarm).await;
+    sim.set_smoke(UnitId(2), SmokeState::Test);
+    seen.extend(read_and_handled(&mut tap, 1, DetectorStatus::Test).await);
+    assert!(
+        seen.iter()
+            .any(|t| raised(t, EventKind::FirePreAlarm, "A-101")),
+        "fire.pre_alarm raised"
+    );
+    assert!(
+        seen.iter()
+            .any(|t| raised(t, EventKind::DeviceTest, "A-102")),
+        "device.test raised"
+    );
+    let sounded: Vec<&Tap> = seen
+        .iter()
+        .filter(|t| matches!(t, Tap::OutputWanted { on: true, .. }))
+        .collect();
+    assert!(sounded.is_empty(), "nothing sounds: {sounded:?}");
+    assert!(
+        !seen
+            .iter()
+            .any(|t| matches!(t, Tap::Raised(e) if e.kind == EventKind::FireAlarm)),
+        "neither is a fire"
+    );
+    assert_eq!(sim.coil(RELAY, 0), Some(false), "the sounder is off");
+
+    let pre = sub.next_of("fire.pre_alarm", Duration::from_secs(10)).await;
+    assert_eq!(pre["data"]["device"], "A-101");
+    let test = sub.next_of("device.test", Duration::from_secs(10)).await;
+    assert_eq!(test["data"]["device"], "A-102");
+
+    // Both clear; the poller may reach unit 2 first.
+    sim.set_smoke(UnitId(1), SmokeState::Normal);
+    sim.set_smoke(UnitId(2), SmokeState::Normal);
+    let mut ended: Vec<String> = Vec::new();
+    while ended.len() < 2 {
+        let e = tokio::time::timeout(Duration::from_secs(10), sub.events.recv())
+            .await
+            .expect("pre-alarm and test not both ended within 10 s")
+            .expect("subscriber ended");
+        let kind = e["type"].as_str().unwrap_or_default().to_owned();
+        if kind == "fire.pre_alarm_cleared" || kind == "device.test_ended" {
+            ended.push(kind);
+        }
+    }
+    ended.sort();
+    assert_eq!(ended, ["device.test_ended", "fire.pre_alarm_cleared"]);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detector_disabled_by_an_mqtt_command_does_not_sound_on_its_alarm() {
+    use village_gateway::event::DetectorStatus;
+    let Village {
+        sim,
+        pty: _pty,
+        broker,
+        state: _state,
+        config,
+    } = Village::on_a_pty(3);
+    let (mut sub, gw, mut tap) = with_uplink(config, broker.port(), "it-disable").await;
+
+    let result = sub
+        .command(
+            "disable",
+            serde_json::json!({"id": "d-1", "device": "A-101"}),
+        )
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    let disabled = sub
+        .next_of("device.disabled", Duration::from_secs(10))
+        .await;
+    assert_eq!(disabled["data"]["device"], "A-101");
+    assert_eq!(disabled["data"]["command"], "d-1", "who asked");
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "the disablement LED",
+        |t| written(t, "panel disablement LED", true),
+    )
+    .await;
+    assert_eq!(sim.coil(RELAY, 4), Some(true));
+
+    sim.set_smoke(UnitId(1), SmokeState::Alarm);
+    let seen = read_and_handled(&mut tap, 0, DetectorStatus::Alarm).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|t| matches!(t, Tap::Raised(e) if e.kind == EventKind::FireAlarm)),
+        "a disabled detector raises no fire alarm"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|t| matches!(t, Tap::OutputWanted { on: true, .. })),
+        "nothing sounds"
+    );
+    assert_eq!(sim.coil(RELAY, 0), Some(false));
+
+    // Bad commands get an error result, never a crash.
+    let unknown = sub
+        .command(
+            "disable",
+            serde_json::json!({"id": "d-2", "device": "Z-999"}),
+        )
+        .await;
+    assert_eq!(unknown["ok"], false);
+    assert_eq!(
+        unknown["error"],
+        "no detector is named \"Z-999\"; disable and enable take a [[detector]] id"
+    );
+    let no_device = sub
+        .command("enable", serde_json::json!({"id": "d-3"}))
+        .await;
+    assert_eq!(no_device["ok"], false, "{no_device}");
+
+    // Enabled again, the detector still in alarm sounds at once.
+    let result = sub
+        .command(
+            "enable",
+            serde_json::json!({"id": "d-4", "device": "A-101"}),
+        )
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    let enabled = sub.next_of("device.enabled", Duration::from_secs(10)).await;
+    assert_eq!(enabled["data"]["command"], "d-4");
+    // Both go out in the poller's next output pass, in either order.
+    let (mut led_off, mut sounder) = (false, false);
+    collect_until(
+        &mut tap,
+        Duration::from_secs(10),
+        "the disablement LED off and the sounder on",
+        |t| {
+            led_off |= written(t, "panel disablement LED", false);
+            sounder |= written(t, "A-sounder", true);
+            led_off && sounder
+        },
+    )
+    .await;
+    let alarm = sub.next_of("fire.alarm", Duration::from_secs(10)).await;
+    assert_eq!(alarm["data"]["device"], "A-101");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_heartbeat_is_a_device_fault_that_lights_the_fault_led() {
+    let Village {
+        sim,
+        pty: _pty,
+        broker: _broker,
+        state: _state,
+        mut config,
+    } = Village::on_a_pty(2);
+    // generic-smoke's limit is 60 s; the key that shortens it keeps the test short.
+    config.detectors[1].heartbeat_timeout = Some(Duration::from_secs(2));
+    let (gw, mut tap) = Gateway::start(config);
+    until(&mut tap, Duration::from_secs(10), "a first scan", |t| {
+        matches!(t, Tap::Field(FieldReport::Cycle { .. }))
+    })
+    .await;
+
+    sim.set_heartbeat_frozen(UnitId(2), true);
+    let t = until(&mut tap, Duration::from_secs(15), "device.fault", |t| {
+        raised(t, EventKind::DeviceFault, "A-102")
+    })
+    .await;
+    let Tap::Raised(e) = t else { unreachable!() };
+    assert_eq!(
+        e.data.reason.as_deref(),
+        Some("heartbeat frozen for 2 s (stuck firmware)")
+    );
+    until(&mut tap, Duration::from_secs(5), "the fault LED", |t| {
+        written(t, "panel fault LED", true)
+    })
+    .await;
+    assert_eq!(sim.coil(RELAY, 6), Some(true));
+
+    sim.set_heartbeat_frozen(UnitId(2), false);
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "device.fault_cleared",
+        |t| raised(t, EventKind::DeviceFaultCleared, "A-102"),
+    )
+    .await;
+    until(&mut tap, Duration::from_secs(5), "the fault LED off", |t| {
+        written(t, "panel fault LED", false)
+    })
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_pulses_the_buzzer_until_silenced_and_a_new_fault_pulses_it_again() {
+    let Village {
+        sim,
+        pty: _pty,
+        broker,
+        state: _state,
+        config,
+    } = Village::on_a_pty(3);
+    let (mut sub, gw, mut tap) = with_uplink(config, broker.port(), "it-pulse").await;
+
+    sim.set_offline(UnitId(3), true);
+    // On, off, on again on the wire: a pulse, not a level.
+    for (level, what) in [(true, "on"), (false, "off"), (true, "on again")] {
+        until(&mut tap, Duration::from_secs(20), what, |t| {
+            written(t, "panel buzzer", level)
+        })
+        .await;
+    }
+    assert_eq!(sim.coil(RELAY, 6), Some(true), "fault LED steady on");
+
+    let result = sub
+        .command("silence", serde_json::json!({"id": "s-1"}))
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    until(
+        &mut tap,
+        Duration::from_secs(5),
+        "alarm.silenced",
+        |t| matches!(t, Tap::Raised(e) if e.kind == EventKind::AlarmSilenced),
+    )
+    .await;
+    // Three ticks of the pulse's clock: the buzzer is never wanted on again.
+    let window = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(t) = tokio::time::timeout_at(window, tap.recv()).await {
+        let t = t.unwrap();
+        assert!(!wanted(&t, "panel buzzer", true), "silenced buzzer pulsed");
+    }
+    assert_eq!(sim.coil(RELAY, 7), Some(false), "buzzer off");
+    assert_eq!(sim.coil(RELAY, 6), Some(true), "the fault LED stays on");
+
+    sim.set_offline(UnitId(2), true);
+    until(
+        &mut tap,
+        Duration::from_secs(20),
+        "a new fault's pulse",
+        |t| written(t, "panel buzzer", true),
+    )
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_door_is_released_on_fire_once_a_second_detector_confirms_it() {
+    use village_gateway::config::{Door, Zone};
+    const DOOR: UnitId = UnitId(50);
+    let sim = Simulator::new(
+        9600,
+        (1..=3)
+            .map(|u| (UnitId(u), SimProfile::Smoke))
+            .chain([(RELAY, SimProfile::Relay), (DOOR, SimProfile::Door)]),
+    );
+    let pty = sim.serve_pty().unwrap();
+    let broker = village_gateway::broker::start(0).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let url = format!("mqtt://127.0.0.1:{}", broker.port());
+    let mut config = Config::simulated_village(&[pty.path().to_owned()], 3, &url, state.path());
+    config.doors.push(Door {
+        id: "A-gate".into(),
+        bus: 0,
+        unit: DOOR,
+        profile: "generic-door".into(),
+        zone: "A".into(),
+        location: "A栋大门".into(),
+        release_on_fire: true,
+    });
+    config.zones.push(Zone {
+        id: "A".into(),
+        coincidence: true,
+    });
+    let (mut sub, gw, mut tap) = with_uplink(config, broker.port(), "it-door").await;
+    let mut field = sim.subscribe();
+
+    // The first detector sounds the zone at once; the door waits for a second one.
+    sim.set_smoke(UnitId(1), SmokeState::Alarm);
+    let seen = collect_until(&mut tap, Duration::from_secs(10), "the sounder", |t| {
+        written(t, "A-sounder", true)
+    })
+    .await;
+    assert!(
+        !seen
+            .iter()
+            .any(|t| matches!(t, Tap::Raised(e) if e.kind == EventKind::DoorReleased)),
+        "one detector does not release a coincidence zone's door"
+    );
+    assert_eq!(sim.coil(DOOR, 0), Some(false), "the door is locked");
+
+    sim.set_smoke(UnitId(2), SmokeState::Alarm);
+    let released = sub.next_of("door.released", Duration::from_secs(10)).await;
+    assert_eq!(released["data"]["device"], "A-gate");
+    assert_eq!(
+        released["data"]["devices"],
+        serde_json::json!(["A-101", "A-102"])
+    );
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let e = field.recv().await.unwrap();
+            if e.unit == DOOR
+                && e.what
+                    == (SimChange::CoilWritten {
+                        address: 0,
+                        on: true,
+                    })
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("lock_release (coil 0) of the door was not written on within 10 s");
+
+    // The smoke clears: the door stays released until reset.
+    sim.set_smoke(UnitId(1), SmokeState::Normal);
+    sim.set_smoke(UnitId(2), SmokeState::Normal);
+    sub.next_of("fire.restored", Duration::from_secs(10)).await;
+    sub.next_of("fire.restored", Duration::from_secs(10)).await;
+    assert_eq!(sim.coil(DOOR, 0), Some(true), "released until reset");
+    let result = sub.command("reset", serde_json::json!({"id": "r-1"})).await;
+    assert_eq!(result["ok"], true, "{result}");
+    until(&mut tap, Duration::from_secs(10), "the door locked", |t| {
+        written(t, "A-gate", false)
+    })
+    .await;
+    assert_eq!(sim.coil(DOOR, 0), Some(false));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_in_the_middle_of_a_fire_keeps_the_silence_and_the_disablements() {
+    use village_gateway::event::DetectorStatus;
+    let Village {
+        sim,
+        pty: _pty,
+        broker,
+        state: _state,
+        config,
+    } = Village::on_a_pty(3);
+    let (mut sub, gw, mut tap) =
+        with_uplink(config.clone(), broker.port(), "it-restart-silence").await;
+    sim.set_smoke(UnitId(1), SmokeState::Alarm);
+    until(&mut tap, Duration::from_secs(10), "the sounder", |t| {
+        written(t, "A-sounder", true)
+    })
+    .await;
+    let result = sub
+        .command("silence", serde_json::json!({"id": "s-1"}))
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "the sounder silenced",
+        |t| written(t, "A-sounder", false),
+    )
+    .await;
+    let result = sub
+        .command(
+            "disable",
+            serde_json::json!({"id": "d-1", "device": "A-103"}),
+        )
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    sub.next_of("device.disabled", Duration::from_secs(10))
+        .await;
+    gw.stop().await;
+
+    // The second life: the smoke is still there, the alarm still latched and silenced.
+    let (gw, mut tap) = Gateway::start(config);
+    let t = until(
+        &mut tap,
+        Duration::from_secs(10),
+        "gateway.started",
+        |t| matches!(t, Tap::Raised(e) if e.kind == EventKind::GatewayStarted),
+    )
+    .await;
+    let Tap::Raised(started) = t else {
+        unreachable!()
+    };
+    assert_eq!(
+        started.data.extra["restored_fire_alarms"],
+        serde_json::json!(["A-101"])
+    );
+    assert_eq!(
+        started.data.extra["disabled_detectors"],
+        serde_json::json!(["A-103"])
+    );
+    let mut seen = Vec::new();
+    let (mut led, mut sounder) = (false, false);
+    seen.extend(
+        collect_until(
+            &mut tap,
+            Duration::from_secs(10),
+            "the fire LED on and the sounder off, confirmed",
+            |t| {
+                led |= written(t, "panel fire LED", true);
+                sounder |= written(t, "A-sounder", false);
+                led && sounder
+            },
+        )
+        .await,
+    );
+    // A-101 is read in alarm again: latched already, so the silence holds.
+    seen.extend(read_and_handled(&mut tap, 0, DetectorStatus::Alarm).await);
+    assert!(
+        !seen.iter().any(|t| wanted(t, "A-sounder", true)),
+        "the silenced sounder never sounds after the restart"
+    );
+    assert_eq!(sim.coil(RELAY, 0), Some(false));
+    assert_eq!(sim.coil(RELAY, 5), Some(true));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_output_sounds_while_the_sounder_is_in_fault() {
+    use village_gateway::config::OutputSpec;
+    let Village {
+        sim,
+        pty: _pty,
+        broker: _broker,
+        state: _state,
+        mut config,
+    } = Village::on_a_pty(2);
+    // The sounder's own relay module (unit 101) is not on the bus; its fallback is coil 3 of
+    // the panel's module.
+    config.sounders[0].output = OutputSpec::Coil {
+        bus: 0,
+        unit: UnitId(101),
+        coil: 0,
+    };
+    config.sounders[0].fallback = Some(OutputSpec::Coil {
+        bus: 0,
+        unit: RELAY,
+        coil: 3,
+    });
+    let (gw, mut tap) = Gateway::start(config);
+    let seen = collect_until(&mut tap, Duration::from_secs(10), "sounder.fault", |t| {
+        raised(t, EventKind::SounderFault, "A-sounder")
+    })
+    .await;
+    assert!(
+        !seen.iter().any(|t| wanted(t, "A-sounder fallback", true)),
+        "no fire, no fallback"
+    );
+
+    sim.set_smoke(UnitId(1), SmokeState::Alarm);
+    until(&mut tap, Duration::from_secs(10), "the fallback", |t| {
+        written(t, "A-sounder fallback", true)
+    })
+    .await;
+    assert_eq!(sim.coil(RELAY, 3), Some(true));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silenced_sounders_resound_after_the_auto_resound_time() {
+    let Village {
+        sim,
+        pty: _pty,
+        broker,
+        state: _state,
+        mut config,
+    } = Village::on_a_pty(2);
+    // The daemon takes any duration; validation's 10 s floor is for installers, and 2 s keeps
+    // the test short.
+    config.panel.auto_resound = Some(Duration::from_secs(2));
+    let (mut sub, gw, mut tap) = with_uplink(config, broker.port(), "it-resound").await;
+    sim.set_smoke(UnitId(1), SmokeState::Alarm);
+    until(&mut tap, Duration::from_secs(10), "the sounder", |t| {
+        written(t, "A-sounder", true)
+    })
+    .await;
+    let result = sub
+        .command("silence", serde_json::json!({"id": "s-1"}))
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "the sounder silenced",
+        |t| written(t, "A-sounder", false),
+    )
+    .await;
+    // The sounder is wanted on again in the step that raises alarm.resounded (outputs go
+    // first, then the step's events), not before.
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "the sounder wanted again",
+        |t| wanted(t, "A-sounder", true),
+    )
+    .await;
+    let t = until(&mut tap, Duration::from_secs(5), "the step's event", |t| {
+        matches!(t, Tap::Raised(_))
+    })
+    .await;
+    let Tap::Raised(e) = t else { unreachable!() };
+    assert_eq!(e.kind, EventKind::AlarmResounded, "{e:?}");
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "the sounder again",
+        |t| written(t, "A-sounder", true),
+    )
+    .await;
+    assert_eq!(sim.coil(RELAY, 0), Some(true));
+    let resounded = sub
+        .next_of("alarm.resounded", Duration::from_secs(10))
+        .await;
+    assert_eq!(resounded["data"]["devices"], serde_json::json!(["A-101"]));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_in_a_silenced_fire_keeps_the_silence_and_the_disablement() {
+    let broker = village_gateway::broker::start(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut sub = Subscriber::connect(broker.port(), "it-kill-silence").await;
+    wait_subscribed(&sub).await;
+    sub.next_of("probe", Duration::from_secs(10)).await;
+
+    // First life: fire in A-102, silenced, A-103 disabled. The events arrive upstream only
+    // after the state record holding them was made durable.
+    let sim = village(3);
+    let pty = sim.serve_pty().unwrap();
+    let mut coils = sim.subscribe();
+    let config = write_config(dir.path(), pty.path(), 3, broker.port(), &state);
+    let mut first = Daemon::spawn(&config);
+    sim.set_smoke(UnitId(2), SmokeState::Alarm);
+    coil_written(&mut coils, 0, true, "the sounder").await;
+    sub.next_of("fire.alarm", Duration::from_secs(10)).await;
+    let result = sub
+        .command("silence", serde_json::json!({"id": "s-1"}))
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    sub.next_of("alarm.silenced", Duration::from_secs(10)).await;
+    let result = sub
+        .command(
+            "disable",
+            serde_json::json!({"id": "d-1", "device": "A-103"}),
+        )
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    sub.next_of("device.disabled", Duration::from_secs(10))
+        .await;
+
+    // Power cut: the gateway and the relay module lose everything but the disk.
+    first.kill();
+    drop(pty);
+    let sim = village(3);
+    sim.set_smoke(UnitId(2), SmokeState::Alarm);
+    sim.set_smoke(UnitId(3), SmokeState::Alarm);
+    let pty = sim.serve_pty().unwrap();
+    let mut coils = sim.subscribe();
+    let config = write_config(dir.path(), pty.path(), 3, broker.port(), &state);
+    let _second = Daemon::spawn(&config);
+    coil_written(&mut coils, 5, true, "the panel fire LED").await;
+    // A-103 is still disabled, so its alarm is ignored.
+    let mut started = sub
+        .next_of("gateway.started", Duration::from_secs(10))
+        .await;
+    // The first life's may still be on its way (routine lane, after the fire events).
+    if started["data"]["extra"].get("disabled_detectors").is_none() {
+        started = sub
+            .next_of("gateway.started", Duration::from_secs(10))
+            .await;
+    }
+    assert_eq!(
+        started["data"]["extra"]["disabled_detectors"],
+        serde_json::json!(["A-103"]),
+        "{started}"
+    );
+    // Two events from two scan cycles of unit 1: units 2 and 3 (both in alarm) were polled
+    // and handled in between.
+    sim.set_smoke(UnitId(1), SmokeState::PreAlarm);
+    sub.next_of("fire.pre_alarm", Duration::from_secs(10)).await;
+    sim.set_smoke(UnitId(1), SmokeState::Normal);
+    sub.next_of("fire.pre_alarm_cleared", Duration::from_secs(10))
+        .await;
+    let mut written = Vec::new();
+    while let Ok(e) = coils.try_recv() {
+        if let (RELAY, SimChange::CoilWritten { address, on }) = (e.unit, e.what) {
+            written.push((address, on));
+        }
+    }
+    assert!(
+        !written.contains(&(0, true)),
+        "the silenced sounder stays off: {written:?}"
+    );
+    assert_eq!(sim.coil(RELAY, 0), Some(false));
+    assert_eq!(sim.coil(RELAY, 5), Some(true));
 }
