@@ -277,6 +277,15 @@ pub async fn run(
         sounders = config.sounders.len(),
         "Gateway started."
     );
+    for (bus, w) in config
+        .buses
+        .iter()
+        .zip(crate::field::budget::for_config(&config))
+    {
+        if let Some(w) = w {
+            info!(bus = %bus.name, worst_case_ms = w.total.as_millis() as u64, "Worst-case detection time (alarm to sounder driven): {w}.");
+        }
+    }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let watchdog = sd_notify::watchdog_enabled().is_some();
 
