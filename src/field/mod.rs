@@ -10,4 +10,6 @@ pub mod link;
 pub mod poller;
 pub mod profile;
 
-pub use poller::{BusPlan, CoilOutput, FieldReport, PolledDetector, PolledInput, WriteRequest};
+pub use poller::{
+    BusPlan, BusStats, CoilOutput, FieldReport, PolledDetector, PolledInput, WriteRequest,
+};
