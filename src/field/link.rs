@@ -34,7 +34,7 @@ use tokio_serial::{ClearBuffer, SerialPort, SerialPortBuilderExt, SerialStream};
 use tracing::debug;
 
 use super::frame::{
-    decode_rtu_response, decode_tcp_response, encode_rtu_request, encode_tcp_request,
+    check_crc, decode_rtu_response, decode_tcp_response, encode_rtu_request, encode_tcp_request,
     expected_rtu_reply_len, silent_interval, wire_time, Decoded, FrameError, Reply, Request,
     RequestError, Response, MAX_RTU_FRAME, MAX_TCP_FRAME,
 };
@@ -164,6 +164,11 @@ impl LinkStats {
         if other.last_exception.is_some() {
             self.last_exception = other.last_exception;
         }
+    }
+
+    /// Whether anything went wrong at all: a failure, an exception, or skipped stray bytes.
+    pub fn had_trouble(&self) -> bool {
+        self.failures() > 0 || self.exceptions > 0 || self.skipped_bytes > 0
     }
 
     /// Failed transactions of any kind (timeouts, bad frames, I/O), exceptions not included.
@@ -414,7 +419,11 @@ impl Serial {
                 match decode_rtu_response(&self.buf[offset..], unit, req) {
                     Ok(Decoded::Complete(reply, _)) => {
                         if let Some(e) = &first_error {
-                            count_frame_error(stats, e);
+                            // A whole frame in front (a late reply, our own echo) is counted
+                            // in its class; noise only as skipped bytes.
+                            if check_crc(&self.buf[..offset]) {
+                                count_frame_error(stats, e);
+                            }
                             debug!(unit = unit.0, skipped = offset, error = %e, "Reply found after stray bytes.");
                         }
                         stats.skipped_bytes += offset as u64;
@@ -425,10 +434,12 @@ impl Serial {
                     // (a stray byte that looks like the head of a long frame).
                     Ok(Decoded::NeedMore(_)) => offset += 1,
                     Err(e) => {
+                        // Only an error where the reply must start counts; later offsets
+                        // are tried speculatively.
                         if offset == skip {
                             skip += 1;
+                            first_error.get_or_insert(e);
                         }
-                        first_error.get_or_insert(e);
                         offset += 1;
                     }
                 }

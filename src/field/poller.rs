@@ -149,7 +149,8 @@ pub struct BusStats {
     pub probes: u64,
     /// Unit ids of detectors out of the scan (offline, probed every `probe_interval`).
     pub offline_units: Vec<u8>,
-    /// Counters of every unit id that had a failed transaction or an exception.
+    /// Counters of every unit id that had a failed transaction, an exception or stray bytes
+    /// before a reply.
     pub units: BTreeMap<u8, LinkStats>,
 }
 
@@ -498,7 +499,7 @@ fn update_stats(
     stats.units = counters
         .units
         .into_iter()
-        .filter(|(_, s)| s.failures() > 0 || s.exceptions > 0)
+        .filter(|(_, s)| s.had_trouble())
         .collect();
 }
 
