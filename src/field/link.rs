@@ -7,10 +7,17 @@
 //! - A reply is returned only if [`frame`](super::frame) validated it against the request just
 //!   sent: unit, function, count, write echo, CRC (RTU) or transaction id (TCP). A late or foreign
 //!   frame is an error, never a value for the wrong unit.
+//! - RTU resynchronisation inside a transaction: bytes in front of the reply that cannot start
+//!   it (noise as the transceivers turn around, a late reply of another unit, an unexpected
+//!   echo) are skipped one at a time and the reply is hunted for behind them, each candidate
+//!   validated in full as above. A skipped whole frame (valid CRC) is counted in its class
+//!   (foreign, frame error), noise as [`LinkStats::skipped_bytes`]. If no valid reply arrives by
+//!   the deadline, the error at the reply's position is returned (CRC, foreign, function...),
+//!   or a timeout ([`LinkStats::truncated`] if part of a frame came).
 //! - Every call ends by its deadline: `timeout` + the request's own wire time (a tty write
 //!   returns once the bytes are in the kernel buffer, before they leave the wire).
-//! - Before each request the link waits until the bus has been quiet for t3.5 (or until the
-//!   guard delay after a failure is over), then discards every byte waiting in the OS input
+//! - Before each request the link waits until the bus has been quiet for t3.5 plus the bus's
+//!   `turnaround` after the last reply (or until the guard delay after a failure is over), then discards every byte waiting in the OS input
 //!   buffer, so a late reply to an earlier request is never taken as the next answer.
 //! - TCP: after a timeout or a bad frame the connection is dropped; the next call reconnects, so
 //!   transaction ids never drift.

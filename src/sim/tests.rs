@@ -535,3 +535,39 @@ async fn serve_port_answers_on_a_serial_device_opened_by_path() {
     }
     serving.abort();
 }
+
+/// The gap on the simulator's clock between two coil writes sent back to back through `link`
+/// (each stamped when its last byte arrived).
+async fn gap_between_two_writes(link: &mut Link, sim: &Simulator) -> Duration {
+    let mut events = sim.subscribe();
+    for on in [true, false] {
+        let write = Request::WriteSingleCoil { address: 0, on };
+        link.call(RELAY, &write).await.unwrap().unwrap();
+    }
+    let first = events.recv().await.unwrap().at;
+    let second = events.recv().await.unwrap().at;
+    second - first
+}
+
+#[tokio::test]
+async fn the_link_keeps_the_silent_interval_and_the_turnaround_after_every_reply() {
+    let sim = field(9600);
+    let pty = sim.serve_pty().unwrap();
+    // 9600 8N1: an FC05 frame is 8 bytes = 8.33 ms; the simulator answers t3.5 (3.65 ms) after
+    // the request; the link then stays quiet for t3.5 (4.01 ms at 11 bits, Serial Line V1.02
+    // §2.5.1.1) plus the turnaround before the next request, which takes 8.33 ms to arrive.
+    let wire = crate::field::frame::wire_time(8, 9600, 10);
+    let floor = wire * 2 + crate::field::frame::silent_interval_for(9600, 10) * 2;
+    let mut settings = rtu(pty.path(), 9600, 200);
+    settings.turnaround = Duration::ZERO;
+    let mut link = Link::open(settings.clone()).await.unwrap();
+    let gap = gap_between_two_writes(&mut link, &sim).await;
+    assert!(gap >= floor, "{gap:?} < {floor:?}");
+    drop(link);
+
+    settings.turnaround = Duration::from_millis(40);
+    let mut link = Link::open(settings).await.unwrap();
+    let gap = gap_between_two_writes(&mut link, &sim).await;
+    let floor = floor + Duration::from_millis(40);
+    assert!(gap >= floor, "turnaround not kept: {gap:?} < {floor:?}");
+}
