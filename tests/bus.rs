@@ -541,3 +541,122 @@ async fn an_unplugged_adapter_takes_its_units_offline_and_back_without_a_restart
     assert!(stats.offline_units.is_empty(), "{stats:?}");
     gw.stop().await;
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_village-gateway");
+
+/// Runs the binary with `args`; (exit ok, stdout, stderr).
+async fn gateway_cli(args: Vec<String>) -> (bool, String, String) {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args(&args)
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn args(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_owned).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_lists_the_units_that_answer_and_the_profile_they_fit() {
+    let sim = Simulator::new(
+        9600,
+        [
+            (UnitId(1), SimProfile::Smoke),
+            (UnitId(3), SimProfile::Smoke),
+            (UnitId(50), SimProfile::Door),
+            (RELAY, SimProfile::Relay),
+        ],
+    );
+    sim.set_smoke(UnitId(3), SmokeState::Alarm);
+    sim.set_offline(UnitId(1), true);
+    let pty = sim.serve_pty().unwrap();
+    let (ok, out, err) = gateway_cli(args(&format!(
+        "scan --port {} --baud 9600 --units 1-5,50,99-100 --timeout 60ms",
+        pty.path()
+    )))
+    .await;
+    assert!(ok, "{out}\n{err}");
+    let units: Vec<&str> = out.lines().filter(|l| l.starts_with("unit ")).collect();
+    assert_eq!(
+        units,
+        [
+            "unit 3: generic-smoke",
+            "unit 50: generic-door",
+            "unit 100: generic-relay"
+        ],
+        "{out}"
+    );
+    assert!(out.contains("status ALARM"), "{out}");
+    assert!(out.contains("3 unit(s) answered"), "{out}");
+    // Units 1, 2, 4, 5 and 99 are silent: one timeout each.
+    assert!(out.contains(" 5 timeouts,"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_prints_registers_coils_and_discrete_inputs_over_rtu_and_tcp() {
+    let sim = village(2);
+    sim.set_smoke(UnitId(2), SmokeState::Alarm);
+    sim.set_density(UnitId(2), 1.25);
+    sim.set_coil(RELAY, 1, true);
+    sim.set_key(RELAY, 2, true);
+    let pty = sim.serve_pty().unwrap();
+    let port = format!("--port {}", pty.path());
+
+    let (ok, out, err) = gateway_cli(args(&format!("read {port} --unit 2 --input 0 2"))).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("input register 0 = 1 (0x0001)\ninput register 1 = 125 (0x007d)\n"),
+        "{out}"
+    );
+    assert!(out.contains("bus: 1 transactions, 0 timeouts"), "{out}");
+
+    let (ok, out, _) = gateway_cli(args(&format!("read {port} --unit 100 --coil 0 3"))).await;
+    assert!(ok);
+    assert!(
+        out.starts_with("coil 0 = 0\ncoil 1 = 1\ncoil 2 = 0\n"),
+        "{out}"
+    );
+    let (ok, out, _) = gateway_cli(args(&format!("read {port} --unit 100 --discrete 2 1"))).await;
+    assert!(ok);
+    assert!(out.starts_with("discrete input 2 = 1\n"), "{out}");
+    let (ok, out, _) = gateway_cli(args(&format!("read {port} --unit 1 --holding 16 1"))).await;
+    assert!(ok);
+    assert!(
+        out.starts_with("holding register 16 = 0 (0x0000)\n"),
+        "{out}"
+    );
+
+    // A refusal is an error with its exception code; a silent unit is an error.
+    let (ok, _, err) = gateway_cli(args(&format!("read {port} --unit 1 --input 10 1"))).await;
+    assert!(!ok);
+    assert!(
+        err.contains("exception 0x02 (illegal data address)"),
+        "{err}"
+    );
+    let (ok, _, err) = gateway_cli(args(&format!(
+        "read {port} --unit 9 --input 0 1 --timeout 30ms"
+    )))
+    .await;
+    assert!(!ok);
+    assert!(err.contains("no complete reply"), "{err}");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = sim.clone();
+    let server = tokio::spawn(async move { served.serve_tcp(listener).await });
+    let (ok, out, err) =
+        gateway_cli(args(&format!("read --tcp {addr} --unit 2 --input 0 1"))).await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("input register 0 = 1 (0x0001)\n"), "{out}");
+    server.abort();
+}

@@ -4,7 +4,9 @@
 //! - [`link`]: one transaction at a time on a port, with timeouts, flushing and resync.
 //! - [`profile`]: decoding a detector's registers with its profile, pure.
 //! - [`poller`]: one poller per bus, writing outputs ahead of polls.
+//! - [`commission`]: `scan` and `read` for installers.
 
+pub mod commission;
 pub mod frame;
 pub mod link;
 pub mod poller;
