@@ -10,7 +10,8 @@
 //! - RTU resynchronisation inside a transaction: bytes in front of the reply that cannot start
 //!   it (noise as the transceivers turn around, a late reply of another unit, an unexpected
 //!   echo) are skipped one at a time and the reply is hunted for behind them, each candidate
-//!   validated in full as above. A skipped whole frame (valid CRC) is counted in its class
+//!   validated in full as above. A frame still arriving is never cut short for one inside it:
+//!   the bytes behind an incomplete frame are tried only once the deadline has passed. A skipped whole frame (valid CRC) is counted in its class
 //!   (foreign, frame error), noise as [`LinkStats::skipped_bytes`]. If no valid reply arrives by
 //!   the deadline, the error at the reply's position is returned (CRC, foreign, function...),
 //!   or a timeout ([`LinkStats::truncated`] if part of a frame came).
@@ -421,35 +422,10 @@ impl Serial {
         let mut skip = 0usize;
         let mut first_error: Option<FrameError> = None;
         loop {
-            let mut offset = skip;
-            while offset < self.buf.len() {
-                match decode_rtu_response(&self.buf[offset..], unit, req) {
-                    Ok(Decoded::Complete(reply, _)) => {
-                        if let Some(e) = &first_error {
-                            // A whole frame in front (a late reply, our own echo) is counted
-                            // in its class; noise only as skipped bytes.
-                            if check_crc(&self.buf[..offset]) {
-                                count_frame_error(stats, e);
-                            }
-                            debug!(unit = unit.0, skipped = offset, error = %e, "Reply found after stray bytes.");
-                        }
-                        stats.skipped_bytes += offset as u64;
-                        self.quiet_until = Instant::now() + silent_interval(self.baud) + turnaround;
-                        return Ok(reply);
-                    }
-                    // A frame may still complete here; a later offset may complete first
-                    // (a stray byte that looks like the head of a long frame).
-                    Ok(Decoded::NeedMore(_)) => offset += 1,
-                    Err(e) => {
-                        // Only an error where the reply must start counts; later offsets
-                        // are tried speculatively.
-                        if offset == skip {
-                            skip += 1;
-                            first_error.get_or_insert(e);
-                        }
-                        offset += 1;
-                    }
-                }
+            if let Some((reply, offset)) =
+                hunt(&self.buf, &mut skip, &mut first_error, unit, req, false)
+            {
+                return Ok(self.accept(stats, turnaround, unit, reply, offset, &first_error));
             }
             if self.buf.len() > 2 * MAX_RTU_FRAME {
                 // A babbling line: no reply fits in what is left of it.
@@ -462,6 +438,20 @@ impl Serial {
                 Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
                 Ok(Err(e)) => return Err(Error::Io(e)),
                 Err(_) => {
+                    // Nothing more is coming: a frame still waiting for bytes at the reply's
+                    // position was not the reply; a valid one may sit behind it.
+                    if let Some((reply, offset)) =
+                        hunt(&self.buf, &mut skip, &mut first_error, unit, req, true)
+                    {
+                        return Ok(self.accept(
+                            stats,
+                            turnaround,
+                            unit,
+                            reply,
+                            offset,
+                            &first_error,
+                        ));
+                    }
                     self.guard(turnaround, req);
                     if let Some(e) = first_error {
                         return Err(Error::Frame(e));
@@ -478,6 +468,29 @@ impl Serial {
                 }
             }
         }
+    }
+
+    /// A valid reply found after `offset` skipped bytes: counts them, starts the quiet time.
+    fn accept(
+        &mut self,
+        stats: &mut LinkStats,
+        turnaround: Duration,
+        unit: UnitId,
+        reply: Reply,
+        offset: usize,
+        first_error: &Option<FrameError>,
+    ) -> Reply {
+        if let Some(e) = first_error {
+            // A whole frame in front (a late reply, our own echo) is counted in its class;
+            // noise only as skipped bytes.
+            if check_crc(&self.buf[..offset]) {
+                count_frame_error(stats, e);
+            }
+            debug!(unit = unit.0, skipped = offset, error = %e, "Reply found after stray bytes.");
+        }
+        stats.skipped_bytes += offset as u64;
+        self.quiet_until = Instant::now() + silent_interval(self.baud) + turnaround;
+        reply
     }
 
     /// Reads back our own transmission (RS-485 adapters with echo) and checks it.
@@ -616,6 +629,37 @@ impl Tcp {
         // Still babbling after 16 KiB: not a sane Modbus server connection.
         false
     }
+}
+
+/// Looks for the reply to `req` from `unit` in `buf`, from `*skip` on. An offset where no
+/// frame can start is skipped for good (`*skip` advances, the first such error is kept). At a
+/// frame still waiting for bytes it stops and waits, so that a frame is never taken out of the
+/// middle of a longer one that is still arriving; with `final_try` (the deadline has passed:
+/// that frame will never complete) the offsets behind it are tried too.
+fn hunt(
+    buf: &[u8],
+    skip: &mut usize,
+    first_error: &mut Option<FrameError>,
+    unit: UnitId,
+    req: &Request,
+    final_try: bool,
+) -> Option<(Reply, usize)> {
+    let mut offset = *skip;
+    while offset < buf.len() {
+        match decode_rtu_response(&buf[offset..], unit, req) {
+            Ok(Decoded::Complete(reply, _)) => return Some((reply, offset)),
+            Ok(Decoded::NeedMore(_)) if !final_try => return None,
+            Ok(Decoded::NeedMore(_)) => offset += 1,
+            Err(e) => {
+                if offset == *skip {
+                    *skip += 1;
+                    first_error.get_or_insert(e);
+                }
+                offset += 1;
+            }
+        }
+    }
+    None
 }
 
 /// Counts a bad frame in its class.

@@ -571,3 +571,22 @@ async fn the_link_keeps_the_silent_interval_and_the_turnaround_after_every_reply
     let floor = floor + Duration::from_millis(40);
     assert!(gap >= floor, "turnaround not kept: {gap:?} < {floor:?}");
 }
+
+#[tokio::test]
+async fn a_stray_byte_that_looks_like_a_long_frame_head_delays_but_does_not_lose_the_reply() {
+    let sim = field(115_200);
+    sim.set_smoke(SMOKE, SmokeState::Alarm);
+    let pty = sim.serve_pty().unwrap();
+    let mut link = Link::open(rtu(pty.path(), 115_200, 50)).await.unwrap();
+    // Unit 1, FC04, byte count 250: a frame that would need 255 bytes. The reply behind it is
+    // taken only once the deadline shows that frame will never complete.
+    sim.inject(SMOKE, ReplyFault::StrayBytes(vec![0x01, 0x04, 0xFA]), 1);
+    let regs = registers(&mut link, SMOKE, &status_read()).await;
+    assert_eq!(regs[0], 1);
+    assert_eq!(link.stats().skipped_bytes, 3);
+    // Plain noise in front is skipped at once.
+    sim.inject(SMOKE, ReplyFault::StrayBytes(vec![0x00, 0xFF]), 1);
+    assert_eq!(registers(&mut link, SMOKE, &status_read()).await[0], 1);
+    assert_eq!(link.stats().skipped_bytes, 5);
+    assert_eq!(link.stats().failures(), 0);
+}
