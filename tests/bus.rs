@@ -660,3 +660,101 @@ async fn read_prints_registers_coils_and_discrete_inputs_over_rtu_and_tcp() {
     assert!(out.starts_with("input register 0 = 1 (0x0001)\n"), "{out}");
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_bus_that_comes_back_rejoins_one_unit_per_cycle_not_one_per_probe_interval() {
+    let sim = village(4);
+    let pty = sim.serve_pty().unwrap();
+    // The default probe_interval (5 s): the units must not wait for it one after the other.
+    let (gw, mut tap) = Gateway::start(&[pty.path().to_owned()], 4, |_| {});
+    until(&mut tap, Duration::from_secs(10), "a cycle", |t| {
+        cycle_of(t, "a").map(|_| ())
+    })
+    .await;
+    // The cable is cut: every detector times out (the port itself is fine).
+    for u in 1..=4 {
+        sim.set_offline(UnitId(u), true);
+    }
+    until(
+        &mut tap,
+        Duration::from_secs(20),
+        "all out of the scan",
+        |t| {
+            cycle_of(t, "a")
+                .filter(|s| s.offline_units.len() == 4)
+                .map(|_| ())
+        },
+    )
+    .await;
+    for u in 1..=4 {
+        sim.set_offline(UnitId(u), false);
+    }
+    // Every unit is due: one probe per cycle brings them back, not one per probe_interval.
+    let mut online = 0;
+    let mut cycles_since_first = 0;
+    until(&mut tap, Duration::from_secs(20), "all back", |t| {
+        if matches!(t, Tap::Raised(e) if e.kind == EventKind::DeviceOnline) {
+            online += 1;
+        }
+        if online > 0 && cycle_of(t, "a").is_some() {
+            cycles_since_first += 1;
+        }
+        (online == 4).then_some(())
+    })
+    .await;
+    assert!(
+        cycles_since_first <= 4,
+        "the last unit came back {cycles_since_first} cycles after the first"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_converter_that_drops_its_connections_is_reconnected_without_a_restart() {
+    let sim = village(3);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = sim.clone();
+    let server = tokio::spawn(async move { served.serve_tcp(listener).await });
+    let (gw, mut tap) = Gateway::start(&["unused".to_owned()], 3, |c| {
+        c.buses[0].transport = BusTransport::Tcp {
+            addr: addr.to_string(),
+        };
+    });
+    until(&mut tap, Duration::from_secs(10), "a cycle", |t| {
+        cycle_of(t, "a").map(|_| ())
+    })
+    .await;
+
+    // The converter reboots: its connections drop and it refuses new ones for a while.
+    server.abort();
+    let _ = server.await;
+    let mut offline = 0;
+    until(&mut tap, Duration::from_secs(20), "all offline", |t| {
+        if matches!(t, Tap::Raised(e) if e.kind == EventKind::DeviceOffline) {
+            offline += 1;
+        }
+        (offline == 3).then_some(())
+    })
+    .await;
+
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let served = sim.clone();
+    let server = tokio::spawn(async move { served.serve_tcp(listener).await });
+    let mut online = 0;
+    let stats = until(&mut tap, Duration::from_secs(20), "all online", |t| {
+        if matches!(t, Tap::Raised(e) if e.kind == EventKind::DeviceOnline) {
+            online += 1;
+        }
+        cycle_of(t, "a").filter(|_| online == 3).cloned()
+    })
+    .await;
+    assert!(stats.reopens >= 1, "{stats:?}");
+    sim.set_smoke(UnitId(2), SmokeState::Alarm);
+    until(&mut tap, Duration::from_secs(10), "sounder on", |t| {
+        sounder_on(t, "A").then_some(())
+    })
+    .await;
+    server.abort();
+    gw.stop().await;
+}

@@ -12,7 +12,9 @@
 //!   scan cycle, so any number of dead units stretch a cycle by at most one timeout
 //!   (`field::budget` relies on this). Skipped polls are not reported (the engine keeps it
 //!   offline: no flapping); a failed probe is reported as a miss; a probe that answers is
-//!   reported as a reading and the detector rejoins the scan at once.
+//!   reported as a reading and the detector rejoins the scan at once; it also makes every
+//!   other offline detector due at once (a cut cable or a rebooted converter brings them all
+//!   back), still one probe per cycle.
 //! - Misses caused by the port itself (it cannot be opened, or failed with an I/O error) are
 //!   reported to the engine but do not count towards leaving the scan: after the adapter is
 //!   back, every detector that answered before is polled in the very next cycle.
@@ -343,7 +345,6 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
                 io_failed = failed;
             }
             broken = io_failed;
-            let h = &mut health[k];
             match &report {
                 FieldReport::Reading { .. } => {
                     if out_of_scan {
@@ -352,12 +353,19 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
                             unit = d.unit.0,
                             "Detector answers again; back in the scan."
                         );
+                        // A bus that was cut (cable, converter) comes back whole: every other
+                        // offline unit is due at once (still one probe per cycle).
+                        let now = Instant::now();
+                        for h in &mut health {
+                            h.next_probe = h.next_probe.min(now);
+                        }
                     }
-                    h.misses = 0;
+                    health[k].misses = 0;
                 }
                 // A port failure is not the unit's: it does not push it out of the scan.
                 _ if io_failed => {}
                 _ => {
+                    let h = &mut health[k];
                     h.misses = h.misses.saturating_add(1);
                     if h.misses >= offline_after {
                         h.next_probe = Instant::now() + probe_interval;
