@@ -21,7 +21,7 @@
 //! the 0 %-dead cycle of the same baud and size.
 //!
 //! ```sh
-//! cargo build --release && cargo run --release --example bus_scale            # all 12, ~4 min
+//! cargo build --release && cargo run --release --example bus_scale            # all 12, ~8 min
 //! cargo run --release --example bus_scale -- 19200 64                         # a subset
 //! ```
 
