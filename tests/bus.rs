@@ -758,3 +758,63 @@ async fn a_tcp_converter_that_drops_its_connections_is_reconnected_without_a_res
     server.abort();
     gw.stop().await;
 }
+
+/// The per-bus counters reach upstream in the retained status, refreshed by a `status` command.
+#[cfg(feature = "embedded-broker")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_message_carries_each_buses_counters() {
+    let broker = village_gateway::broker::start(0).unwrap();
+    let sim = village(2);
+    let pty = sim.serve_pty().unwrap();
+    sim.inject(UnitId(2), ReplyFault::BadCrc, 1);
+    let url = format!("mqtt://127.0.0.1:{}", broker.port());
+    let (gw, mut tap) = Gateway::start(&[pty.path().to_owned()], 2, |c| {
+        c.uplink.url = url;
+    });
+    until(
+        &mut tap,
+        Duration::from_secs(10),
+        "a counted CRC error",
+        |t| {
+            cycle_of(t, "a")
+                .filter(|s| s.link.crc_errors == 1)
+                .map(|_| ())
+        },
+    )
+    .await;
+
+    let mut opts = rumqttc::MqttOptions::new("officer", "127.0.0.1", broker.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 16);
+    client
+        .subscribe("village/demo/status", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .publish(
+            "village/demo/cmd/status",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"id":"s1"}"#,
+        )
+        .await
+        .unwrap();
+    let bus = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
+                eventloop.poll().await.unwrap()
+            {
+                let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                if v["buses"]["a"]["transactions"].as_u64().unwrap_or(0) > 0 {
+                    return v["buses"]["a"].clone();
+                }
+            }
+        }
+    })
+    .await
+    .expect("a status with bus a's counters");
+    assert_eq!(bus["crc_errors"], 1, "{bus}");
+    assert_eq!(bus["units"]["2"]["crc_errors"], 1, "{bus}");
+    assert!(bus["worst_cycle_ms"].as_u64().unwrap() >= bus["cycle_ms"].as_u64().unwrap());
+    gw.stop().await;
+}
