@@ -14,12 +14,16 @@
 //! The alarms start at pseudo-random phases of the scan (fixed seed), so the latencies spread
 //! over one scan cycle: a detector polled just before its smoke arrives is seen one cycle later.
 
+mod common;
+
 use std::io::Write as _;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{
+    clk_tck, coil_write_wire_time, cpu_ticks, gateway_bin, ms, poll_wire_time, rss_kib,
+    spawn_gateway, Lcg,
+};
 use village_gateway::event::UnitId;
-use village_gateway::field::frame::char_time;
 use village_gateway::sim::{SimChange, SimProfile, Simulator, SmokeState};
 
 const DETECTORS: u8 = 32;
@@ -29,12 +33,7 @@ const RELAY: UnitId = UnitId(100);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let bin =
-        std::env::var("VGW_BIN").unwrap_or_else(|_| "target/release/village-gateway".to_owned());
-    anyhow::ensure!(
-        std::path::Path::new(&bin).exists(),
-        "build the release binary first: cargo build --release"
-    );
+    let bin = gateway_bin()?;
 
     let sim = Simulator::new(
         BAUD,
@@ -74,12 +73,7 @@ output = {{ bus = "a", unit = 100, coil = 0 }}
     }
     drop(f);
 
-    let mut child = Command::new(&bin)
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()?;
+    let mut child = spawn_gateway(&bin, &config_path)?;
     let pid = child.id();
 
     // Reset commands go through MQTT like an officer's.
@@ -116,17 +110,14 @@ output = {{ bus = "a", unit = 100, coil = 0 }}
     let measured_cycle = idle.mul_f64(f64::from(DETECTORS) / polls as f64);
 
     let mut latencies = Vec::new();
-    let mut seed: u64 = 0x5eed;
+    let mut rng = Lcg(0x5eed);
     for round in 0..ROUNDS {
         // Spread the alarms over the scan: unit 1, 9, 17, 25, 2, ...
         let unit = UnitId(u8::try_from(
             1 + (round * 8 + round / 4) % usize::from(DETECTORS),
         )?);
         // Start the fire at a pseudo-random phase of the scan (a fixed-seed LCG: repeatable).
-        seed = seed
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        let phase = Duration::from_millis((seed >> 33) % 1000);
+        let phase = Duration::from_millis(rng.below(1000));
         tokio::time::sleep(phase).await;
         while events.try_recv().is_ok() {}
         sim.set_smoke(unit, SmokeState::Alarm);
@@ -176,10 +167,7 @@ output = {{ bus = "a", unit = 100, coil = 0 }}
     latencies.sort();
     let median = latencies[latencies.len() / 2];
     let max = latencies[latencies.len() - 1];
-    // Wire-time bound of one scan: per detector an 8-byte FC04 request and a 13-byte reply,
-    // each followed by the 3.5-character silent interval, at 10 bits per character (8N1).
-    let ch = char_time(BAUD, 10);
-    let per_unit = ch * (8 + 13) + ch * 7;
+    let per_unit = poll_wire_time(BAUD);
     let cycle_bound = per_unit * u32::from(DETECTORS);
     println!("alarm_latency: {DETECTORS} detectors, one bus at {BAUD} baud 8N1, {ROUNDS} alarms");
     println!(
@@ -199,37 +187,11 @@ output = {{ bus = "a", unit = 100, coil = 0 }}
     );
     println!(
         "  worst case expected:                   one measured scan cycle + one coil write ({:.1} ms)",
-        ms(measured_cycle + ch * (8 + 8 + 7))
+        ms(measured_cycle + coil_write_wire_time(BAUD))
     );
     println!(
         "  gateway process while polling:         RSS {:.1} MiB, CPU {cpu_pct:.1} % of one core",
         rss_kib as f64 / 1024.0
     );
     Ok(())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name.
-    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
-}
-
-/// USER_HZ: the unit of utime/stime in /proc/PID/stat; 100 on Linux for x86 and ARM.
-fn clk_tck() -> f64 {
-    100.0
-}
-
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))?;
-    Ok(line.split_whitespace().nth(1).unwrap_or("0").parse()?)
 }

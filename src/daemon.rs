@@ -138,6 +138,8 @@ pub async fn run(
             detectors: Vec::new(),
             coils: Vec::new(),
             inputs: Vec::new(),
+            offline_after: bus.offline_after,
+            probe_interval: bus.probe_interval,
             readback_interval: bus.readback_interval,
             wake: wake_rx,
             writes: rx,
@@ -351,10 +353,16 @@ pub async fn run(
                         last_progress[detector_bus[detector]] = Instant::now();
                         Input::PollMissed { detector, reason }
                     }
-                    FieldReport::Cycle { bus, .. } => {
+                    FieldReport::Cycle { bus, stats, .. } => {
                         if let Some(&b) = bus_index.get(bus.as_str()) {
                             last_progress[b] = Instant::now();
                         }
+                        // Counters ride along with the next status publication; they alone
+                        // never cause one (that would be one message per scan cycle).
+                        actuator.status.send_if_modified(|s| {
+                            s.buses.insert(bus, stats);
+                            false
+                        });
                         continue;
                     }
                     FieldReport::Input { name, on, .. } => {

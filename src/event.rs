@@ -414,6 +414,11 @@ pub struct Status {
     pub outbox_depth: u64,
     /// Age of the oldest waiting event, in seconds.
     pub oldest_pending_age_s: Option<u64>,
+    /// Per bus (by `[[bus]] name`): transactions, timeouts, CRC errors, foreign frames,
+    /// exceptions, scan cycle times, offline units (refreshed every scan cycle; published with
+    /// the next status change or `status` command, never on their own).
+    #[serde(default)]
+    pub buses: std::collections::BTreeMap<String, crate::field::BusStats>,
 }
 
 #[cfg(test)]

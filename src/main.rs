@@ -10,6 +10,7 @@ use tracing::error;
 
 use village_gateway::config::{Config, EXIT_BAD_CONFIG};
 use village_gateway::event::UnitId;
+use village_gateway::field::commission;
 use village_gateway::sim::{SimProfile, Simulator};
 use village_gateway::{daemon, demo};
 
@@ -66,6 +67,35 @@ enum Command {
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..=99))]
         detectors: u8,
     },
+    /// Find the unit ids that answer on a bus, and which generic profile they fit.
+    Scan {
+        #[command(flatten)]
+        bus: BusArgs,
+        /// Unit ids to try: `1-247`, `5`, or `1-4,50,100`.
+        #[arg(long, default_value = "1-247")]
+        units: String,
+    },
+    /// Read registers, coils or discrete inputs of one unit: `--input 0 4` = 4 input
+    /// registers from address 0 (PDU addresses, 0-based).
+    Read {
+        #[command(flatten)]
+        bus: BusArgs,
+        /// Unit id 1..=247 (or the TCP unit id).
+        #[arg(long)]
+        unit: u8,
+        /// Input registers (FC04): ADDRESS COUNT.
+        #[arg(long, num_args = 2, value_names = ["ADDRESS", "COUNT"], group = "table")]
+        input: Option<Vec<u16>>,
+        /// Holding registers (FC03): ADDRESS COUNT.
+        #[arg(long, num_args = 2, value_names = ["ADDRESS", "COUNT"], group = "table")]
+        holding: Option<Vec<u16>>,
+        /// Coils (FC01): ADDRESS COUNT.
+        #[arg(long, num_args = 2, value_names = ["ADDRESS", "COUNT"], group = "table")]
+        coil: Option<Vec<u16>>,
+        /// Discrete inputs (FC02): ADDRESS COUNT.
+        #[arg(long, num_args = 2, value_names = ["ADDRESS", "COUNT"], group = "table")]
+        discrete: Option<Vec<u16>>,
+    },
     /// Run the embedded MQTT broker (for demos and tests) on 127.0.0.1:PORT.
     #[cfg(feature = "embedded-broker")]
     #[command(hide = true)]
@@ -73,6 +103,44 @@ enum Command {
         #[arg(long, default_value_t = 1883)]
         port: u16,
     },
+}
+
+/// Where `scan` and `read` talk to.
+#[derive(Debug, clap::Args)]
+struct BusArgs {
+    /// Serial port (e.g. /dev/serial/by-id/usb-FTDI_...).
+    #[arg(long, conflicts_with = "tcp")]
+    port: Option<String>,
+    /// Modbus TCP converter, host:port.
+    #[arg(long)]
+    tcp: Option<String>,
+    #[arg(long, default_value_t = 9600)]
+    baud: u32,
+    /// none, even or odd.
+    #[arg(long, default_value = "none")]
+    parity: String,
+    #[arg(long, default_value_t = 1)]
+    stop_bits: u8,
+    /// The RS-485 adapter echoes our own transmission.
+    #[arg(long)]
+    echo: bool,
+    /// Per transaction, e.g. 50ms (default: derived from the baud rate).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<std::time::Duration>,
+}
+
+impl From<BusArgs> for commission::Target {
+    fn from(a: BusArgs) -> Self {
+        commission::Target {
+            port: a.port,
+            tcp: a.tcp,
+            baud: a.baud,
+            parity: a.parity,
+            stop_bits: a.stop_bits,
+            echo: a.echo,
+            timeout: a.timeout,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -137,6 +205,44 @@ fn main() -> ExitCode {
                 r = sim.run_console(stdin, tokio::io::stdout()) => r?,
                 () = shutdown.cancelled() => {}
             }
+            Ok::<(), anyhow::Error>(())
+        }),
+        Command::Scan { bus, units } => runtime_main(|_| async move {
+            let target = commission::Target::from(bus);
+            let units = commission::parse_units(&units)?;
+            let report = commission::scan(&target, &units, |unit, found| {
+                // Progress on stderr (a full scan takes ~40 s at 9600 baud).
+                if found.is_some() {
+                    eprintln!("unit {unit} answers");
+                }
+            })
+            .await?;
+            print!("{}", commission::format_scan(&report));
+            Ok::<(), anyhow::Error>(())
+        }),
+        Command::Read {
+            bus,
+            unit,
+            input,
+            holding,
+            coil,
+            discrete,
+        } => runtime_main(|_| async move {
+            use commission::Table;
+            let (table, range) = [
+                (Table::Input, input),
+                (Table::Holding, holding),
+                (Table::Coil, coil),
+                (Table::DiscreteInput, discrete),
+            ]
+            .into_iter()
+            .find_map(|(t, r)| r.map(|r| (t, r)))
+            .ok_or_else(|| anyhow::anyhow!("give one of --input, --holding, --coil, --discrete"))?;
+            let target = commission::Target::from(bus);
+            let (lines, stats) =
+                commission::read(&target, UnitId(unit), table, range[0], range[1]).await?;
+            print!("{lines}");
+            println!("{}", commission::stats_line(&stats));
             Ok::<(), anyhow::Error>(())
         }),
         Command::Demo { broker, detectors } => {

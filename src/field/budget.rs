@@ -10,9 +10,10 @@
 //!      worst cycle is one that has it;
 //!    - one write (FC05) of every coil on the bus: an output may change in that cycle (the
 //!      fault LED, a pulsing buzzer);
-//!    - one **dead unit**: a timeout and the guard delay after it. The poller is to probe at
-//!      most one dead unit per cycle (issue 4); until it does, each further dead unit adds one
-//!      such share to the real cycle;
+//!    - one **dead unit**: a timeout and the guard delay after it. The poller probes at most
+//!      one offline unit per cycle (see [`super::poller`]), so this share holds however many
+//!      units are dead (units that have just died still cost a timeout each for the
+//!      `offline_after` cycles before they leave the scan: a transient the figure leaves out);
 //!    - the cycle is at least the bus's `scan_interval`;
 //! 2. the **confirming re-read** (one more poll) when a detector of the bus confirms alarms;
 //! 3. the poller's wait for the engine's answer (`ENGINE_GRACE` in [`super::poller`], 10 ms);

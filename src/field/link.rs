@@ -7,10 +7,18 @@
 //! - A reply is returned only if [`frame`](super::frame) validated it against the request just
 //!   sent: unit, function, count, write echo, CRC (RTU) or transaction id (TCP). A late or foreign
 //!   frame is an error, never a value for the wrong unit.
+//! - RTU resynchronisation inside a transaction: bytes in front of the reply that cannot start
+//!   it (noise as the transceivers turn around, a late reply of another unit, an unexpected
+//!   echo) are skipped one at a time and the reply is hunted for behind them, each candidate
+//!   validated in full as above. A frame still arriving is never cut short for one inside it:
+//!   the bytes behind an incomplete frame are tried only once the deadline has passed. A skipped whole frame (valid CRC) is counted in its class
+//!   (foreign, frame error), noise as [`LinkStats::skipped_bytes`]. If no valid reply arrives by
+//!   the deadline, the error at the reply's position is returned (CRC, foreign, function...),
+//!   or a timeout ([`LinkStats::truncated`] if part of a frame came).
 //! - Every call ends by its deadline: `timeout` + the request's own wire time (a tty write
 //!   returns once the bytes are in the kernel buffer, before they leave the wire).
-//! - Before each request the link waits until the bus has been quiet for t3.5 (or until the
-//!   guard delay after a failure is over), then discards every byte waiting in the OS input
+//! - Before each request the link waits until the bus has been quiet for t3.5 plus the bus's
+//!   `turnaround` after the last reply (or until the guard delay after a failure is over), then discards every byte waiting in the OS input
 //!   buffer, so a late reply to an earlier request is never taken as the next answer.
 //! - TCP: after a timeout or a bad frame the connection is dropped; the next call reconnects, so
 //!   transaction ids never drift.
@@ -20,9 +28,11 @@
 //! owner drops the `Link` and calls [`Link::open`] again with backoff), RS-485 direction control
 //! (adapters switch in hardware).
 //!
-//! A `Link` is `Send`, not shared: one owning task per bus. It never calls `tcdrain` (that is a
+//! A `Link` is `Send`, not shared: one owning task per bus, on the bus's own thread (the
+//! silent interval, under 5 ms, is slept with a blocking sleep for precision). It never calls `tcdrain` (that is a
 //! blocking syscall in tokio-serial's `flush`); the wire time is added to the deadline instead.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::time::Duration;
 
@@ -33,7 +43,7 @@ use tokio_serial::{ClearBuffer, SerialPort, SerialPortBuilderExt, SerialStream};
 use tracing::debug;
 
 use super::frame::{
-    decode_rtu_response, decode_tcp_response, encode_rtu_request, encode_tcp_request,
+    check_crc, decode_rtu_response, decode_tcp_response, encode_rtu_request, encode_tcp_request,
     expected_rtu_reply_len, silent_interval, wire_time, Decoded, FrameError, Reply, Request,
     RequestError, Response, MAX_RTU_FRAME, MAX_TCP_FRAME,
 };
@@ -87,8 +97,10 @@ pub struct LinkSettings {
     /// Longest wait for a reply, counted from the moment the request has left the wire (RTU) or
     /// was written (TCP). Also bounds a TCP connect (at least 1 s).
     pub timeout: Duration,
-    /// RTU: quiet time after a broadcast (unit 0) write, so units can act before the next
-    /// request (Serial Line V1.02 §2.4.1 "turnaround delay", typically 100–200 ms); also the
+    /// RTU: extra quiet time after every reply, on top of the silent interval t3.5, for slow
+    /// units that are not ready to listen again at once (`[[bus]] turnaround`, default 0 ms);
+    /// also the quiet time after a broadcast (unit 0) write, so units can act before the next
+    /// request (Serial Line V1.02 §2.4.1 "turnaround delay", typically 100–200 ms), and the
     /// minimum guard delay after a failed transaction.
     pub turnaround: Duration,
 }
@@ -116,8 +128,9 @@ pub enum Error {
     Echo,
 }
 
-/// Counters of one link since it was opened.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Counters of a link: for the whole bus ([`Link::stats`]) or for one unit id
+/// ([`Link::unit_stats`], where a failure counts against the unit that was asked).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LinkStats {
     /// Requests written to the bus (broadcasts included).
     pub transactions: u64,
@@ -135,6 +148,50 @@ pub struct LinkStats {
     pub io_errors: u64,
     /// Stale bytes discarded from the input before requests (late replies, noise).
     pub stale_bytes: u64,
+    /// Timeouts with part of a reply received (a truncated frame); also counted in `timeouts`.
+    pub truncated: u64,
+    /// Stray bytes skipped in front of a valid reply (line noise as the transceivers turn
+    /// around); the reply after them was accepted.
+    pub skipped_bytes: u64,
+    /// The code of the last exception reply (Application Protocol V1.1b3 §7), if any.
+    pub last_exception: Option<u8>,
+}
+
+impl LinkStats {
+    /// Adds `other`'s counters to these (the last exception code of `other` wins if it has one).
+    pub fn add(&mut self, other: &LinkStats) {
+        self.transactions += other.transactions;
+        self.timeouts += other.timeouts;
+        self.crc_errors += other.crc_errors;
+        self.foreign_frames += other.foreign_frames;
+        self.frame_errors += other.frame_errors;
+        self.exceptions += other.exceptions;
+        self.io_errors += other.io_errors;
+        self.stale_bytes += other.stale_bytes;
+        self.truncated += other.truncated;
+        self.skipped_bytes += other.skipped_bytes;
+        if other.last_exception.is_some() {
+            self.last_exception = other.last_exception;
+        }
+    }
+
+    /// Whether anything went wrong at all: a failure, an exception, or skipped stray bytes.
+    pub fn had_trouble(&self) -> bool {
+        self.failures() > 0 || self.exceptions > 0 || self.skipped_bytes > 0
+    }
+
+    /// Failed transactions of any kind (timeouts, bad frames, I/O), exceptions not included.
+    pub fn failures(&self) -> u64 {
+        self.timeouts + self.crc_errors + self.foreign_frames + self.frame_errors + self.io_errors
+    }
+}
+
+/// Every counter of a link: the bus's and each unit's. Survives a reopen when handed from the
+/// old link to the new one ([`Link::take_counters`], [`Link::restore_counters`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    pub bus: LinkStats,
+    pub units: BTreeMap<u8, LinkStats>,
 }
 
 /// One bus: a serial port speaking RTU or a Modbus TCP connection. See the module doc.
@@ -144,6 +201,7 @@ pub struct Link {
     timeout: Duration,
     turnaround: Duration,
     stats: LinkStats,
+    units: BTreeMap<u8, LinkStats>,
 }
 
 #[derive(Debug)]
@@ -238,6 +296,7 @@ impl Link {
             timeout: settings.timeout,
             turnaround: settings.turnaround,
             stats: LinkStats::default(),
+            units: BTreeMap::new(),
         })
     }
 
@@ -253,35 +312,68 @@ impl Link {
     /// [`Error::Echo`], [`Error::Io`]. After any of them the link is still usable; after
     /// `Io` on a serial port the caller should reopen it.
     pub async fn call(&mut self, unit: UnitId, req: &Request) -> Result<Reply, Error> {
+        let mut delta = LinkStats::default();
         let result = match &mut self.io {
             Io::Serial(s) => {
-                s.call(&mut self.stats, self.timeout, self.turnaround, unit, req)
+                s.call(&mut delta, self.timeout, self.turnaround, unit, req)
                     .await
             }
-            Io::Tcp(t) => t.call(&mut self.stats, self.timeout, unit, req).await,
+            Io::Tcp(t) => t.call(&mut delta, self.timeout, unit, req).await,
         };
         match &result {
-            Ok(Err(_)) => self.stats.exceptions += 1,
-            Ok(Ok(_)) | Err(Error::InvalidRequest(_)) => {}
-            Err(Error::Timeout) => self.stats.timeouts += 1,
-            Err(Error::Io(_)) => self.stats.io_errors += 1,
-            Err(Error::Frame(FrameError::Crc)) => self.stats.crc_errors += 1,
-            Err(Error::Frame(
-                FrameError::ForeignUnit { .. } | FrameError::WrongTransaction { .. },
-            )) => {
-                self.stats.foreign_frames += 1;
+            Ok(Err(code)) => {
+                delta.exceptions += 1;
+                delta.last_exception = Some(code.0);
             }
-            Err(Error::Frame(_) | Error::Echo) => self.stats.frame_errors += 1,
+            Ok(Ok(_)) | Err(Error::InvalidRequest(_)) => {}
+            Err(Error::Timeout) => delta.timeouts += 1,
+            Err(Error::Io(_)) => delta.io_errors += 1,
+            Err(Error::Frame(e)) => count_frame_error(&mut delta, e),
+            Err(Error::Echo) => delta.frame_errors += 1,
         }
         if let Err(e) = &result {
             debug!(unit = unit.0, function = req.function_code(), error = %e, "Modbus transaction failed.");
         }
+        self.stats.add(&delta);
+        // Input discarded before the request is the bus's, not this unit's.
+        delta.stale_bytes = 0;
+        self.units.entry(unit.0).or_default().add(&delta);
         result
     }
 
-    /// The counters since [`Link::open`].
+    /// The bus's counters since [`Link::open`] (plus those restored into it).
     pub fn stats(&self) -> LinkStats {
         self.stats
+    }
+
+    /// The counters of transactions addressed to `unit`: a timeout, a bad or foreign frame in
+    /// answer to a request to `unit` counts against `unit`.
+    pub fn unit_stats(&self, unit: UnitId) -> LinkStats {
+        self.units.get(&unit.0).copied().unwrap_or_default()
+    }
+
+    /// Every counter (bus and units), as of now.
+    pub fn counters(&self) -> LinkCounters {
+        LinkCounters {
+            bus: self.stats,
+            units: self.units.clone(),
+        }
+    }
+
+    /// Every counter, leaving zeros behind (before the link is dropped for a reopen).
+    pub fn take_counters(&mut self) -> LinkCounters {
+        LinkCounters {
+            bus: std::mem::take(&mut self.stats),
+            units: std::mem::take(&mut self.units),
+        }
+    }
+
+    /// Adds `counters` (taken from the link this one replaces) to this link's.
+    pub fn restore_counters(&mut self, counters: &LinkCounters) {
+        self.stats.add(&counters.bus);
+        for (unit, s) in &counters.units {
+            self.units.entry(*unit).or_default().add(s);
+        }
     }
 }
 
@@ -295,7 +387,7 @@ impl Serial {
         req: &Request,
     ) -> Result<Reply, Error> {
         let frame = encode_rtu_request(unit, req)?;
-        sleep_until(self.quiet_until).await;
+        self.wait_quiet().await;
         self.discard_input(stats)?;
 
         stats.transactions += 1;
@@ -326,22 +418,20 @@ impl Serial {
         }
 
         self.buf.clear();
+        // Bytes before `skip` cannot start the reply (stray bytes, a late or foreign frame):
+        // the reply is hunted for after them, each candidate validated in full.
+        let mut skip = 0usize;
+        let mut first_error: Option<FrameError> = None;
         loop {
-            match decode_rtu_response(&self.buf, unit, req) {
-                Ok(Decoded::NeedMore(_)) => {}
-                Ok(Decoded::Complete(reply, _)) => {
-                    self.quiet_until = Instant::now() + silent_interval(self.baud);
-                    return Ok(reply);
-                }
-                Err(e) => {
-                    self.guard(turnaround, req);
-                    return Err(Error::Frame(e));
-                }
+            if let Some((reply, offset)) =
+                hunt(&self.buf, &mut skip, &mut first_error, unit, req, false)
+            {
+                return Ok(self.accept(stats, turnaround, unit, reply, offset, &first_error));
             }
-            if self.buf.len() > MAX_RTU_FRAME {
-                // Unreachable with frame.rs's length checks; bounded anyway.
+            if self.buf.len() > 2 * MAX_RTU_FRAME {
+                // A babbling line: no reply fits in what is left of it.
                 self.guard(turnaround, req);
-                return Err(Error::Frame(FrameError::Malformed));
+                return Err(Error::Frame(first_error.unwrap_or(FrameError::Malformed)));
             }
             let mut chunk = [0u8; MAX_RTU_FRAME];
             match timeout_at(deadline, self.port.read(&mut chunk)).await {
@@ -349,18 +439,77 @@ impl Serial {
                 Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
                 Ok(Err(e)) => return Err(Error::Io(e)),
                 Err(_) => {
+                    // Nothing more is coming: a frame still waiting for bytes at the reply's
+                    // position was not the reply; a valid one may sit behind it.
+                    if let Some((reply, offset)) =
+                        hunt(&self.buf, &mut skip, &mut first_error, unit, req, true)
+                    {
+                        return Ok(self.accept(
+                            stats,
+                            turnaround,
+                            unit,
+                            reply,
+                            offset,
+                            &first_error,
+                        ));
+                    }
+                    self.guard(turnaround, req);
+                    if let Some(e) = first_error {
+                        return Err(Error::Frame(e));
+                    }
                     if !self.buf.is_empty() {
+                        stats.truncated += 1;
                         debug!(
                             unit = unit.0,
                             bytes = self.buf.len(),
                             "Incomplete reply at the deadline."
                         );
                     }
-                    self.guard(turnaround, req);
                     return Err(Error::Timeout);
                 }
             }
         }
+    }
+
+    /// Waits until `quiet_until`. tokio's timer has a 1 ms granularity and rounds up, which
+    /// adds about 1 ms to a 4 ms silent interval at 9600 baud (a quarter of the gap, and about
+    /// 3 % of a whole poll); a wait this short is slept on the thread instead, which is the
+    /// bus's own (see the module doc), so it stalls nothing else.
+    async fn wait_quiet(&self) {
+        const PRECISE_BELOW: Duration = Duration::from_millis(5);
+        let now = Instant::now();
+        if self.quiet_until <= now {
+            return;
+        }
+        let wait = self.quiet_until - now;
+        if wait < PRECISE_BELOW {
+            std::thread::sleep(wait);
+        } else {
+            sleep_until(self.quiet_until).await;
+        }
+    }
+
+    /// A valid reply found after `offset` skipped bytes: counts them, starts the quiet time.
+    fn accept(
+        &mut self,
+        stats: &mut LinkStats,
+        turnaround: Duration,
+        unit: UnitId,
+        reply: Reply,
+        offset: usize,
+        first_error: &Option<FrameError>,
+    ) -> Reply {
+        if let Some(e) = first_error {
+            // A whole frame in front (a late reply, our own echo) is counted in its class;
+            // noise only as skipped bytes.
+            if check_crc(&self.buf[..offset]) {
+                count_frame_error(stats, e);
+            }
+            debug!(unit = unit.0, skipped = offset, error = %e, "Reply found after stray bytes.");
+        }
+        stats.skipped_bytes += offset as u64;
+        self.quiet_until = Instant::now() + silent_interval(self.baud) + turnaround;
+        reply
     }
 
     /// Reads back our own transmission (RS-485 adapters with echo) and checks it.
@@ -498,6 +647,48 @@ impl Tcp {
         }
         // Still babbling after 16 KiB: not a sane Modbus server connection.
         false
+    }
+}
+
+/// Looks for the reply to `req` from `unit` in `buf`, from `*skip` on. An offset where no
+/// frame can start is skipped for good (`*skip` advances, the first such error is kept). At a
+/// frame still waiting for bytes it stops and waits, so that a frame is never taken out of the
+/// middle of a longer one that is still arriving; with `final_try` (the deadline has passed:
+/// that frame will never complete) the offsets behind it are tried too.
+fn hunt(
+    buf: &[u8],
+    skip: &mut usize,
+    first_error: &mut Option<FrameError>,
+    unit: UnitId,
+    req: &Request,
+    final_try: bool,
+) -> Option<(Reply, usize)> {
+    let mut offset = *skip;
+    while offset < buf.len() {
+        match decode_rtu_response(&buf[offset..], unit, req) {
+            Ok(Decoded::Complete(reply, _)) => return Some((reply, offset)),
+            Ok(Decoded::NeedMore(_)) if !final_try => return None,
+            Ok(Decoded::NeedMore(_)) => offset += 1,
+            Err(e) => {
+                if offset == *skip {
+                    *skip += 1;
+                    first_error.get_or_insert(e);
+                }
+                offset += 1;
+            }
+        }
+    }
+    None
+}
+
+/// Counts a bad frame in its class.
+fn count_frame_error(stats: &mut LinkStats, e: &FrameError) {
+    match e {
+        FrameError::Crc => stats.crc_errors += 1,
+        FrameError::ForeignUnit { .. } | FrameError::WrongTransaction { .. } => {
+            stats.foreign_frames += 1;
+        }
+        _ => stats.frame_errors += 1,
     }
 }
 

@@ -5,11 +5,15 @@
 //! - [`profile`]: decoding a detector's registers with its profile, pure.
 //! - [`poller`]: one poller per bus, writing outputs ahead of polls.
 //! - [`budget`]: the worst-case detection time of each bus, computed from the config, pure.
+//! - [`commission`]: `scan` and `read` for installers.
 
 pub mod budget;
+pub mod commission;
 pub mod frame;
 pub mod link;
 pub mod poller;
 pub mod profile;
 
-pub use poller::{BusPlan, CoilOutput, FieldReport, PolledDetector, PolledInput, WriteRequest};
+pub use poller::{
+    BusPlan, BusStats, CoilOutput, FieldReport, PolledDetector, PolledInput, WriteRequest,
+};

@@ -5,14 +5,29 @@
 //! - **Outputs first.** Before every poll transaction, every coil whose wanted level differs
 //!   from the level last confirmed by the unit's FC05 echo is written. A failed write stays
 //!   pending and is retried before the next transaction; it is never dropped.
-//! - **One transaction at a time** on the bus, each bounded by the link's timeout, so a dead
-//!   unit costs one timeout per scan and never stalls the others.
+//! - **One transaction at a time** on the bus, each bounded by the link's timeout.
+//! - **Dead units cost almost nothing.** A detector that missed `offline_after` polls in a row
+//!   (the engine's own limit, so both agree when it is offline) leaves the scan: it is probed
+//!   at most once per `probe_interval`, and the bus probes **at most one** offline detector per
+//!   scan cycle, so any number of dead units stretch a cycle by at most one timeout
+//!   (`field::budget` relies on this). Skipped polls are not reported (the engine keeps it
+//!   offline: no flapping); a failed probe is reported as a miss; a probe that answers is
+//!   reported as a reading and the detector rejoins the scan at once; it also makes every
+//!   other offline detector due at once (a cut cable or a rebooted converter brings them all
+//!   back), still one probe per cycle.
+//! - Misses caused by the port itself (it cannot be opened, or failed with an I/O error) are
+//!   reported to the engine but do not count towards leaving the scan: after the adapter is
+//!   back, every detector that answered before is polled in the very next cycle.
 //! - Each serial bus runs on its own OS thread with a current-thread runtime, so a blocking
 //!   serial call never delays another bus or the engine.
 //! - A reading is attributed to a detector only when the link validated the reply's unit,
 //!   function code, count and CRC. Anything else is a missed poll.
-//! - A port that fails with an I/O error (adapter unplugged) is reopened with backoff; until
-//!   it is back, every scan counts a miss for each detector, so they go offline as usual.
+//! - A port that fails with an I/O error (adapter unplugged) is reopened with backoff (200 ms
+//!   doubling to 5 s); until it is back, every attempt reports a miss for each detector, so
+//!   they go offline as usual. The link's counters survive the reopen.
+//! - **Statistics**: every completed cycle is reported ([`FieldReport::Cycle`]) with the bus's
+//!   [`BusStats`]: link counters, per-unit counters of units that failed, the cycle time and
+//!   the worst one.
 //! - **Alarm confirmation.** A reading that turns a detector to alarm is reported only after
 //!   one immediate re-read of the same unit agrees (per detector, [`PolledDetector::confirm_alarm`]);
 //!   otherwise the re-read is what is reported. One corrupted reply cannot sound a village, and
@@ -27,6 +42,7 @@
 //! It does not decide anything about fire: readings and misses go to the engine as
 //! [`FieldReport`]s.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -34,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::frame::{Request, Response};
-use super::link::{self, Link, LinkSettings};
+use super::link::{self, Link, LinkCounters, LinkSettings, LinkStats};
 use super::profile;
 use crate::config::SmokeProfile;
 use crate::event::{DetectorReading, DetectorStatus, UnitId};
@@ -102,8 +118,12 @@ pub enum FieldReport {
         error: Option<String>,
         at: Instant,
     },
-    /// A scan cycle of `bus` ended after `cycle`.
-    Cycle { bus: String, cycle: Duration },
+    /// A scan cycle of `bus` ended after `cycle`; `stats` are the bus's counters so far.
+    Cycle {
+        bus: String,
+        cycle: Duration,
+        stats: BusStats,
+    },
     /// Input `name` was read as `on` (reported at the first read and on every change), or
     /// could not be read (`on` = `None`).
     Input {
@@ -111,6 +131,29 @@ pub enum FieldReport {
         on: Option<bool>,
         at: Instant,
     },
+}
+
+/// Statistics of one bus since the gateway started (they survive reopening the port), as in
+/// the status message (`buses.<name>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BusStats {
+    /// Transactions, timeouts, CRC errors, foreign/stale frames, exceptions (with the last
+    /// exception code), I/O errors of the whole bus.
+    #[serde(flatten)]
+    pub link: LinkStats,
+    /// The last completed scan cycle, in ms.
+    pub cycle_ms: u64,
+    /// The longest completed scan cycle, in ms.
+    pub worst_cycle_ms: u64,
+    /// Times the port or connection was opened again after a failure.
+    pub reopens: u64,
+    /// Probes of offline detectors.
+    pub probes: u64,
+    /// Unit ids of detectors out of the scan (offline, probed every `probe_interval`).
+    pub offline_units: Vec<u8>,
+    /// Counters of every unit id that had a failed transaction, an exception or stray bytes
+    /// before a reply.
+    pub units: BTreeMap<u8, LinkStats>,
 }
 
 /// Everything one bus needs.
@@ -123,6 +166,11 @@ pub struct BusPlan {
     pub detectors: Vec<PolledDetector>,
     pub coils: Vec<CoilOutput>,
     pub inputs: Vec<PolledInput>,
+    /// Missed polls in a row after which a detector leaves the scan and is only probed (the
+    /// bus's `offline_after`, the same limit the engine uses for `device.offline`).
+    pub offline_after: u32,
+    /// How often an offline detector is probed (at most one probe per scan cycle).
+    pub probe_interval: Duration,
     /// How often each relay module's coils are read back; see the module doc.
     pub readback_interval: Duration,
     /// Notified when a wanted level changes or a write is queued.
@@ -161,7 +209,16 @@ struct Coil {
     failing: bool,
 }
 
+/// Whether a detector answers, as the scheduler sees it.
+struct Health {
+    /// Missed polls in a row (port failures not counted).
+    misses: u32,
+    /// When it may be probed next, once it is out of the scan.
+    next_probe: Instant,
+}
+
 /// The bus loop. See the module doc for its invariants.
+#[allow(clippy::too_many_lines)] // One loop, read top to bottom; its parts are functions.
 pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: CancellationToken) {
     let BusPlan {
         name,
@@ -170,10 +227,13 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
         detectors,
         coils,
         inputs,
+        offline_after,
+        probe_interval,
         readback_interval,
         mut wake,
         mut writes,
     } = plan;
+    let offline_after = offline_after.max(1);
     let mut input_levels: Vec<Option<Option<bool>>> = vec![None; inputs.len()];
     let mut next_readback = Instant::now() + readback_interval;
     let mut coils: Vec<Coil> = coils
@@ -185,7 +245,18 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
             failing: false,
         })
         .collect();
+    let mut health: Vec<Health> = detectors
+        .iter()
+        .map(|_| Health {
+            misses: 0,
+            next_probe: Instant::now(),
+        })
+        .collect();
     let mut link: Option<Link> = None;
+    // Counters of the link that failed, handed to the next one.
+    let mut carried = LinkCounters::default();
+    let mut stats = BusStats::default();
+    let mut opened_before = false;
     // The last status of each detector, to see an alarm arrive.
     let mut last_alarm = vec![false; detectors.len()];
     let mut backoff = Duration::from_millis(200);
@@ -195,8 +266,12 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
         let cycle_start = Instant::now();
         if link.is_none() {
             match Link::open(settings.clone()).await {
-                Ok(l) => {
+                Ok(mut l) => {
                     info!(bus, "Bus opened.");
+                    l.restore_counters(&std::mem::take(&mut carried));
+                    if std::mem::replace(&mut opened_before, true) {
+                        stats.reopens += 1;
+                    }
                     link = Some(l);
                     backoff = Duration::from_millis(200);
                 }
@@ -228,16 +303,32 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
         for c in &mut coils {
             c.failed = None;
         }
+        let transactions_before = l.stats().transactions;
+        // The one offline detector this cycle may probe: the longest due.
+        let now = Instant::now();
+        let probe = health
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.misses >= offline_after && h.next_probe <= now)
+            .min_by_key(|(_, h)| h.next_probe)
+            .map(|(k, _)| k);
 
         let mut broken = false;
         for (k, d) in detectors.iter().enumerate() {
             if shutdown.is_cancelled() {
                 return;
             }
+            let out_of_scan = health[k].misses >= offline_after;
+            if out_of_scan && probe != Some(k) {
+                continue;
+            }
             if let Err(e) = service_outputs(l, &mut coils, &mut writes, &reports, bus).await {
                 warn!(bus, error = %e, "Bus failed while writing outputs; reopening.");
                 broken = true;
                 break;
+            }
+            if out_of_scan {
+                stats.probes += 1;
             }
             let (mut report, mut io_failed) = poll(l, d, bus).await;
             if d.confirm_alarm && !io_failed && !last_alarm[k] && is_alarm(&report) {
@@ -254,6 +345,41 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
                 io_failed = failed;
             }
             broken = io_failed;
+            match &report {
+                FieldReport::Reading { .. } => {
+                    if out_of_scan {
+                        info!(
+                            bus,
+                            unit = d.unit.0,
+                            "Detector answers again; back in the scan."
+                        );
+                        // A bus that was cut (cable, converter) comes back whole: every other
+                        // offline unit is due at once (still one probe per cycle).
+                        let now = Instant::now();
+                        for h in &mut health {
+                            h.next_probe = h.next_probe.min(now);
+                        }
+                    }
+                    health[k].misses = 0;
+                }
+                // A port failure is not the unit's: it does not push it out of the scan.
+                _ if io_failed => {}
+                _ => {
+                    let h = &mut health[k];
+                    h.misses = h.misses.saturating_add(1);
+                    if h.misses >= offline_after {
+                        h.next_probe = Instant::now() + probe_interval;
+                        if !out_of_scan {
+                            info!(
+                                bus,
+                                unit = d.unit.0,
+                                probe_ms = probe_interval.as_millis() as u64,
+                                "Detector stopped answering; out of the scan, probed from now on."
+                            );
+                        }
+                    }
+                }
+            }
             let alarm_arrived = {
                 let alarm = is_alarm(&report);
                 if matches!(report, FieldReport::Reading { .. }) {
@@ -302,14 +428,18 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
             }
         }
         if broken {
+            carried = l.take_counters();
             link = None;
             continue;
         }
         let cycle = cycle_start.elapsed();
+        let idle_cycle = l.stats().transactions == transactions_before;
+        update_stats(&mut stats, l, cycle, &detectors, &health, offline_after);
         if reports
             .send(FieldReport::Cycle {
                 bus: name.clone(),
                 cycle,
+                stats: stats.clone(),
             })
             .await
             .is_err()
@@ -317,7 +447,19 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
             return;
         }
         // Idle until the next scan is due, but write outputs at once when they change.
-        let next = tokio::time::Instant::from_std(cycle_start + scan_interval);
+        let mut next = cycle_start + scan_interval;
+        if idle_cycle {
+            // Nothing to ask (every detector out of the scan, no probe due): sleep until the
+            // next probe, at most 1 s so that the cycle reports keep coming.
+            let next_probe = health
+                .iter()
+                .filter(|h| h.misses >= offline_after)
+                .map(|h| h.next_probe)
+                .min();
+            let cap = Instant::now() + Duration::from_secs(1);
+            next = next.max(next_probe.map_or(cap, |p| p.min(cap)));
+        }
+        let next = tokio::time::Instant::from_std(next);
         loop {
             if tokio::time::Instant::now() >= next {
                 break;
@@ -331,6 +473,7 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
                     }
                     if let Err(e) = service_outputs(l, &mut coils, &mut writes, &reports, bus).await {
                         warn!(bus, error = %e, "Bus failed while writing outputs; reopening.");
+                        carried = l.take_counters();
                         link = None;
                         break;
                     }
@@ -339,6 +482,33 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
             }
         }
     }
+}
+
+/// Refreshes `stats` at the end of a completed cycle.
+fn update_stats(
+    stats: &mut BusStats,
+    link: &Link,
+    cycle: Duration,
+    detectors: &[PolledDetector],
+    health: &[Health],
+    offline_after: u32,
+) {
+    let counters = link.counters();
+    let ms = u64::try_from(cycle.as_millis()).unwrap_or(u64::MAX);
+    stats.link = counters.bus;
+    stats.cycle_ms = ms;
+    stats.worst_cycle_ms = stats.worst_cycle_ms.max(ms);
+    stats.offline_units = detectors
+        .iter()
+        .zip(health)
+        .filter(|(_, h)| h.misses >= offline_after)
+        .map(|(d, _)| d.unit.0)
+        .collect();
+    stats.units = counters
+        .units
+        .into_iter()
+        .filter(|(_, s)| s.had_trouble())
+        .collect();
 }
 
 /// Writes every coil whose wanted level is not yet confirmed, then the queued one-off writes.

@@ -17,7 +17,9 @@
 //!   its guard (or future) is dropped.
 //! - Fault injection for tests: a unit can go offline ([`Simulator::set_offline`]), answer late
 //!   ([`Simulator::set_reply_delay`]), send bad CRCs ([`Simulator::set_corrupt_replies`]); the
-//!   line can echo the gateway's bytes like some RS-485 adapters ([`Simulator::set_adapter_echo`]).
+//!   line can echo the gateway's bytes like some RS-485 adapters ([`Simulator::set_adapter_echo`]);
+//!   a unit's next replies can arrive mangled in every way a bad bus mangles them
+//!   ([`Simulator::inject`], [`ReplyFault`]).
 //!
 //! Not here: the gateway side; realistic detector physics (the detector does not latch: its
 //! status follows [`Simulator::set_smoke`]; a remote reset is recorded and changes nothing);
@@ -45,8 +47,11 @@ use crate::field::frame::{
 };
 use crate::field::link::Parity;
 
+mod faults;
 #[cfg(test)]
 mod tests;
+
+pub use faults::ReplyFault;
 
 /// The generic device layouts the simulator can play (`shared/devices/generic.toml`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +139,8 @@ struct State {
     /// Fault injection: echo every received byte back, like an RS-485 adapter that reads back
     /// the gateway's own transmission.
     echo: bool,
+    /// Fault injection: bad replies armed per unit id ([`Simulator::inject`]).
+    injected: BTreeMap<u8, faults::Armed>,
 }
 
 impl State {
@@ -234,6 +241,7 @@ impl Simulator {
                     stop_bits: 1,
                     units,
                     echo: false,
+                    injected: BTreeMap::new(),
                 }),
                 events,
                 served: AtomicU64::new(0),
@@ -330,6 +338,32 @@ impl Simulator {
     /// `echo = true` setting).
     pub fn set_adapter_echo(&self, echo: bool) {
         self.state().echo = echo;
+    }
+
+    /// Fault injection on serial transports: the next `replies` RTU replies of `unit` go on the
+    /// wire as `fault` says (see [`ReplyFault`]); `replies` = 0 disarms, `u32::MAX` = until
+    /// disarmed. The requests themselves still take effect.
+    pub fn inject(&self, unit: UnitId, fault: ReplyFault, replies: u32) {
+        let mut s = self.state();
+        if replies == 0 {
+            s.injected.remove(&unit.0);
+        } else {
+            s.injected.insert(unit.0, faults::Armed { fault, replies });
+        }
+    }
+
+    /// The fault to apply to `unit`'s reply now, if one is armed (counts it down).
+    fn take_fault(&self, unit: UnitId) -> Option<ReplyFault> {
+        let mut s = self.state();
+        let armed = s.injected.get_mut(&unit.0)?;
+        let fault = armed.fault.clone();
+        if armed.replies != u32::MAX {
+            armed.replies -= 1;
+            if armed.replies == 0 {
+                s.injected.remove(&unit.0);
+            }
+        }
+        Some(fault)
     }
 
     /// Fault injection: sets coil `address` of `unit` behind the master's back (a relay module
@@ -1020,7 +1054,12 @@ async fn serve_serial(sim: Simulator, fd: OwnedFd, stop: &AtomicBool) -> io::Res
                     *crc_high ^= 0x5A;
                 }
             }
-            sleep_until(received + t35 + wire_time(bytes.len(), baud, bits) + delay);
+            let (bytes, late) = match sim.take_fault(unit) {
+                Some(fault) => faults::apply(&fault, unit, function, bytes),
+                None => (Some(bytes), Duration::ZERO),
+            };
+            let Some(bytes) = bytes else { continue };
+            sleep_until(received + t35 + wire_time(bytes.len(), baud, bits) + delay + late);
             write_all(&port, &bytes).await;
         }
     }

@@ -442,15 +442,18 @@ async fn echo_setting_reads_back_our_own_bytes_so_a_dead_unit_is_not_a_successfu
 }
 
 #[tokio::test]
-async fn an_unexpected_echo_makes_reads_fail_instead_of_returning_our_own_request() {
+async fn an_unexpected_echo_is_skipped_as_stray_bytes_and_never_returned_as_the_reply() {
     let sim = field(115_200);
+    sim.set_smoke(SMOKE, SmokeState::Alarm);
     sim.set_adapter_echo(true);
     let pty = sim.serve_pty().unwrap();
     let mut link = Link::open(rtu(pty.path(), 115_200, 100)).await.unwrap();
-    assert!(matches!(
-        link.call(SMOKE, &status_read()).await,
-        Err(link::Error::Frame(_))
-    ));
+    // The echo (our own 8-byte FC04 request) cannot pass as a reply; the unit's reply after it
+    // is found and validated.
+    let regs = registers(&mut link, SMOKE, &status_read()).await;
+    assert_eq!(regs[0], 1, "the unit's status register, not our request");
+    assert_eq!(link.stats().skipped_bytes, 8);
+    assert_eq!(link.stats().frame_errors, 1);
 }
 
 #[tokio::test]
@@ -531,4 +534,59 @@ async fn serve_port_answers_on_a_serial_device_opened_by_path() {
         other => panic!("{other:?}"),
     }
     serving.abort();
+}
+
+/// The gap on the simulator's clock between two coil writes sent back to back through `link`
+/// (each stamped when its last byte arrived).
+async fn gap_between_two_writes(link: &mut Link, sim: &Simulator) -> Duration {
+    let mut events = sim.subscribe();
+    for on in [true, false] {
+        let write = Request::WriteSingleCoil { address: 0, on };
+        link.call(RELAY, &write).await.unwrap().unwrap();
+    }
+    let first = events.recv().await.unwrap().at;
+    let second = events.recv().await.unwrap().at;
+    second - first
+}
+
+#[tokio::test]
+async fn the_link_keeps_the_silent_interval_and_the_turnaround_after_every_reply() {
+    let sim = field(9600);
+    let pty = sim.serve_pty().unwrap();
+    // 9600 8N1: an FC05 frame is 8 bytes = 8.33 ms; the simulator answers t3.5 (3.65 ms) after
+    // the request; the link then stays quiet for t3.5 (4.01 ms at 11 bits, Serial Line V1.02
+    // §2.5.1.1) plus the turnaround before the next request, which takes 8.33 ms to arrive.
+    let wire = crate::field::frame::wire_time(8, 9600, 10);
+    let floor = wire * 2 + crate::field::frame::silent_interval_for(9600, 10) * 2;
+    let mut settings = rtu(pty.path(), 9600, 200);
+    settings.turnaround = Duration::ZERO;
+    let mut link = Link::open(settings.clone()).await.unwrap();
+    let gap = gap_between_two_writes(&mut link, &sim).await;
+    assert!(gap >= floor, "{gap:?} < {floor:?}");
+    drop(link);
+
+    settings.turnaround = Duration::from_millis(40);
+    let mut link = Link::open(settings).await.unwrap();
+    let gap = gap_between_two_writes(&mut link, &sim).await;
+    let floor = floor + Duration::from_millis(40);
+    assert!(gap >= floor, "turnaround not kept: {gap:?} < {floor:?}");
+}
+
+#[tokio::test]
+async fn a_stray_byte_that_looks_like_a_long_frame_head_delays_but_does_not_lose_the_reply() {
+    let sim = field(115_200);
+    sim.set_smoke(SMOKE, SmokeState::Alarm);
+    let pty = sim.serve_pty().unwrap();
+    let mut link = Link::open(rtu(pty.path(), 115_200, 50)).await.unwrap();
+    // Unit 1, FC04, byte count 250: a frame that would need 255 bytes. The reply behind it is
+    // taken only once the deadline shows that frame will never complete.
+    sim.inject(SMOKE, ReplyFault::StrayBytes(vec![0x01, 0x04, 0xFA]), 1);
+    let regs = registers(&mut link, SMOKE, &status_read()).await;
+    assert_eq!(regs[0], 1);
+    assert_eq!(link.stats().skipped_bytes, 3);
+    // Plain noise in front is skipped at once.
+    sim.inject(SMOKE, ReplyFault::StrayBytes(vec![0x00, 0xFF]), 1);
+    assert_eq!(registers(&mut link, SMOKE, &status_read()).await[0], 1);
+    assert_eq!(link.stats().skipped_bytes, 5);
+    assert_eq!(link.stats().failures(), 0);
 }
