@@ -63,8 +63,11 @@ pub struct Uplink {
 /// `[store]`.
 #[derive(Debug, Clone)]
 pub struct Store {
-    /// Outbox budget in bytes.
+    /// Outbox budget in logical bytes (see `store.rs`, "Disk budget").
     pub max_bytes: u64,
+    /// The longest an access or routine event waits for its flush and sync (the power-cut
+    /// loss window of those lanes); fire and fault events never wait.
+    pub flush_interval: Duration,
 }
 
 /// The serial parity and the transport of a bus are the field layer's own types: the config
@@ -348,6 +351,8 @@ fn default_topic_prefix() -> String {
 struct RawStore {
     /// Outbox budget with a unit, default `256MiB`.
     max_bytes: Option<String>,
+    /// Group-commit delay of access and routine events, default `200ms`, 1ms..=10s.
+    flush_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -621,7 +626,8 @@ impl Config {
                 key_file: None,
             },
             store: Store {
-                max_bytes: 256 << 20,
+                max_bytes: crate::store::DEFAULT_MAX_BYTES,
+                flush_interval: crate::store::DEFAULT_FLUSH_INTERVAL,
             },
             buses,
             detectors,
@@ -923,7 +929,18 @@ impl Validator {
         };
         self.gpio_conflicts(&sounders, &panel);
 
-        let store = Store { max_bytes };
+        let flush_interval = self.duration(
+            "store.flush_interval",
+            raw.store.flush_interval.as_deref(),
+            crate::store::DEFAULT_FLUSH_INTERVAL,
+        );
+        if flush_interval < Duration::from_millis(1) || flush_interval > Duration::from_secs(10) {
+            self.problem("store.flush_interval", "must be between 1ms and 10s");
+        }
+        let store = Store {
+            max_bytes,
+            flush_interval,
+        };
         Some(Config {
             gateway,
             uplink,

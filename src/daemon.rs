@@ -9,7 +9,7 @@
 //! store writer drains what the engine handed it, then flushes; the uplink stops.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -26,7 +26,7 @@ use crate::field::frame::Request;
 use crate::field::link::LinkSettings;
 use crate::field::{poller, BusPlan, CoilOutput, FieldReport, PolledDetector, WriteRequest};
 use crate::outputs::{self, GpioOutput};
-use crate::store::Store;
+use crate::store::{self, Store};
 use crate::uplink::{self, CommandRequest, UplinkSettings, UplinkTap};
 
 /// What the daemon did, for the demo's printout and the tests. Sent only when asked for.
@@ -42,7 +42,7 @@ pub enum Tap {
     Field(FieldReport),
     /// The engine raised an event (before it is stored).
     Raised(Event),
-    /// The store accepted an event and numbered it.
+    /// The store numbered an event and it is on disk (the durable point).
     Stored { seq: Seq, kind: EventKind },
     /// The uplink's news (connected, acknowledged, commands).
     Uplink(UplinkTap),
@@ -65,7 +65,11 @@ pub async fn run(
             config.gateway.state_dir.display()
         )
     })?;
-    let store = Store::open(&config.gateway.state_dir.join("outbox")).with_context(|| {
+    let store = Store::open_with(
+        &config.gateway.state_dir.join("outbox"),
+        store_settings(&config),
+    )
+    .with_context(|| {
         format!(
             "cannot open the outbox in {}",
             config.gateway.state_dir.display()
@@ -196,15 +200,26 @@ pub async fn run(
     // The store writer: a thread of its own, so an fsync never delays the engine loop.
     let wake_uplink = Arc::new(Notify::new());
     let (event_tx, event_rx) = mpsc::unbounded_channel::<ToStore>();
+    let not_durable = Arc::new(Mutex::new(Vec::new()));
     let writer = {
         let store = store.clone();
         let wake = wake_uplink.clone();
         let tap = tap.clone();
+        let not_durable = not_durable.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || store_writer(&store, event_rx, &wake, tap.as_ref()))
+            .spawn(move || store_writer(&store, event_rx, &wake, tap.as_ref(), &not_durable))
             .context("cannot start the store writer thread")?
     };
+    // Access and routine events become durable in the store's flusher thread: only then may
+    // the uplink send them (it reads only durable events) and the tap report them stored.
+    tracker.spawn(announce_durable(
+        store.clone(),
+        wake_uplink.clone(),
+        tap.clone(),
+        not_durable,
+        shutdown.clone(),
+    ));
 
     let (status_tx, status_rx) = watch::channel(Status {
         online: true,
@@ -599,13 +614,27 @@ fn restore_latched(store: &Store, engine: &mut FireEngine) -> Vec<crate::event::
     }
 }
 
-/// Appends every event the engine raised, in order, then wakes the uplink, and keeps the
-/// latched alarms. Ends when the engine loop has dropped its sender and the queue is drained.
+/// The store settings of a config (`[store]`).
+pub fn store_settings(config: &Config) -> store::Settings {
+    store::Settings {
+        max_bytes: config.store.max_bytes,
+        flush_interval: config.store.flush_interval,
+    }
+}
+
+/// Events numbered by the store but not yet durable, for [`Tap::Stored`]; filled only when
+/// there is a tap. The lock is held only to push or drain (no I/O under it).
+type NotDurable = Mutex<Vec<(Seq, EventKind)>>;
+
+/// Appends every event the engine raised, in order, and keeps the latched alarms. A durable
+/// (urgent) event wakes the uplink at once; the others are announced by [`announce_durable`].
+/// Ends when the engine loop has dropped its sender and the queue is drained.
 fn store_writer(
     store: &Store,
     mut queue: mpsc::UnboundedReceiver<ToStore>,
     wake: &Notify,
     tap: Option<&broadcast::Sender<Tap>>,
+    not_durable: &NotDurable,
 ) {
     while let Some(item) = queue.blocking_recv() {
         let event = match item {
@@ -625,15 +654,57 @@ fn store_writer(
             }
         };
         let kind = event.kind;
-        match store.append(&event) {
-            Ok(seq) => {
+        match store.append_reporting(&event) {
+            Ok(appended) => {
+                // The store logged the eviction itself; its report is one more stored event.
+                let report = appended
+                    .eviction
+                    .map(|e| (e.report_seq, EventKind::OutboxEvicted));
                 if let Some(tap) = tap {
-                    let _ = tap.send(Tap::Stored { seq, kind });
+                    let mut held = not_durable.lock().unwrap_or_else(PoisonError::into_inner);
+                    for (seq, kind) in std::iter::once((appended.seq, kind)).chain(report) {
+                        if store.is_durable(seq) {
+                            let _ = tap.send(Tap::Stored { seq, kind });
+                        } else {
+                            held.push((seq, kind));
+                        }
+                    }
                 }
-                wake.notify_one();
+                if store.is_durable(appended.seq) {
+                    wake.notify_one();
+                }
             }
             // The event is lost to upstream; the local alarm has already been acted on.
             Err(e) => error!(event = %kind, error = %e, "Event could not be stored."),
+        }
+    }
+}
+
+/// Wakes the uplink whenever the store's durable watermark rises, and reports the events
+/// that became durable to the tap.
+async fn announce_durable(
+    store: Store,
+    wake: Arc<Notify>,
+    tap: Option<broadcast::Sender<Tap>>,
+    not_durable: Arc<NotDurable>,
+    shutdown: CancellationToken,
+) {
+    let mut durable = store.durable();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = durable.changed() => if changed.is_err() { return },
+        }
+        wake.notify_one();
+        if let Some(tap) = &tap {
+            let mut held = not_durable.lock().unwrap_or_else(PoisonError::into_inner);
+            held.retain(|&(seq, kind)| {
+                let stored = store.is_durable(seq);
+                if stored {
+                    let _ = tap.send(Tap::Stored { seq, kind });
+                }
+                !stored
+            });
         }
     }
 }

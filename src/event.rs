@@ -169,14 +169,16 @@ impl EventKind {
             | EventKind::DeviceFaultCleared
             | EventKind::DeviceOffline
             | EventKind::DeviceOnline
-            | EventKind::SounderFault => Lane::Urgent,
+            | EventKind::SounderFault
+            // Reports lost data; lane 0 is never evicted (store.rs, "Disk budget").
+            | EventKind::OutboxEvicted => Lane::Urgent,
             EventKind::AccessGranted
             | EventKind::AccessDenied
             | EventKind::AccessFlagged
             | EventKind::DoorForced
             | EventKind::DoorHeld
             | EventKind::DoorReleased => Lane::Access,
-            EventKind::GatewayStarted | EventKind::OutboxEvicted => Lane::Routine,
+            EventKind::GatewayStarted => Lane::Routine,
         }
     }
 }
