@@ -53,13 +53,23 @@
 //! - **A bad record never stops the outbox.** A value that cannot be decoded is moved to the
 //!   `quarantine` tree under its outbox key, logged at ERROR, and skipped by [`Store::pending`].
 //! - **A database that cannot be opened never stops alarming.** If sled reports corruption (or
-//!   panics) while opening, the directory is renamed to `<dir>.corrupt-<unix seconds>` and a
+//!   panics) while opening, or recovers less than was on disk (see the next point), the directory is renamed to `<dir>.corrupt-<unix seconds>` and a
 //!   fresh store is created; [`Store::recovery`] says so, so the daemon can report it. The fresh
 //!   store's seqs start at the current Unix time in milliseconds rather than 1, so they stay above
 //!   every seq upstream may already have seen (the id `<gw>-<seq>` is upstream's de-duplication
 //!   key; reusing a seq would make upstream drop new events as duplicates). I/O errors such as
 //!   "locked by another process" ([`Error::Locked`]) or "permission denied" are returned, never
-//!   moved aside.
+//!   moved aside. What is kept is the store as sled's open attempt left it: sled takes the
+//!   first bad record for a torn tail and rewrites the log from there before the damage shows,
+//!   so the kept copy is intact up to the damage point, not after it (`tests/corruption.rs`).
+//!   Keeping more would need a copy of the log before every open.
+//! - **A truncated log is damage, not a crash.** sled cannot tell a log cut short by a damaged
+//!   file system from the torn tail of a crash: it opens a truncated `db` file without a word
+//!   and returns the prefix it could read (seen in `tests/corruption.rs`), which would reuse
+//!   seqs upstream has already received. So after every flush the durable watermark is written
+//!   to `<dir>/durable_seq` (16 bytes: the seq and its complement, big-endian; not synced: a
+//!   stale value only weakens the check, and it can never be above what sled has on disk).
+//!   An open that finds sled's last seq below it treats the store as damaged.
 //! - `Store` is a cheap `Clone` (an `Arc` inside); all methods take `&self` and may be called
 //!   from several tasks at once. They block on disk I/O (an `fdatasync` for urgent appends, a few
 //!   ms on an SD card): call them where blocking that long is acceptable.
@@ -89,6 +99,8 @@ const NEXT_SEQ_KEY: &[u8] = b"next_seq";
 /// Key of the last acknowledged seq and the time of that acknowledgement in the `meta` tree
 /// (two big-endian u64: seq, Unix ms).
 const LAST_ACKED_KEY: &[u8] = b"last_acked";
+/// The file beside sled's files holding the durable watermark (module doc).
+const WATERMARK_FILE: &str = "durable_seq";
 /// Prefix of state records in the `meta` tree (beside `next_seq`).
 const STATE_PREFIX: &str = "state/";
 /// Every lane, in drain order.
@@ -264,6 +276,8 @@ struct Inner {
     /// sled's data file, kept open for the `fdatasync` that makes events durable.
     data_file: File,
     data_path: PathBuf,
+    /// `<dir>/durable_seq`, rewritten after each flush.
+    watermark_file: File,
     settings: Settings,
     /// Per lane: records and logical bytes in `outbox`, kept in memory because `Tree::len`
     /// walks the whole tree.
@@ -806,6 +820,11 @@ impl Store {
             return Err(e);
         }
         if inner.durable.fetch_max(upto, Ordering::SeqCst) < upto {
+            let mark = inner.durable.load(Ordering::SeqCst);
+            if let Err(e) = write_watermark(&inner.watermark_file, mark) {
+                // Only the truncation check loses precision; the events are on disk.
+                tracing::warn!(error = %e, "Cannot record the outbox's durable watermark.");
+            }
             inner.durable_tx.send_if_modified(|d| {
                 let raised = d.0 < upto;
                 d.0 = d.0.max(upto);
@@ -994,8 +1013,23 @@ fn open_attempt(
         .write(true)
         .open(&data_path)
         .map_err(|e| OpenFailure::Other(Error::Sled(sled::Error::Io(e))))?;
-    // Everything sled recovered is on disk: the watermark starts at the last assigned seq.
+    // Everything sled recovered is on disk: the watermark starts at the last assigned seq,
+    // unless sled recovered less than was durable before (a truncated log).
     let last = next.saturating_sub(1);
+    let watermark_path = dir.join(WATERMARK_FILE);
+    if let Some(mark) = read_watermark(&watermark_path) {
+        if last < mark {
+            return Err(OpenFailure::Damaged(format!(
+                "sled recovered the outbox up to seq {last}, but seq {mark} was on disk before: the log was truncated or damaged"
+            )));
+        }
+    }
+    let watermark_file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&watermark_path)
+        .map_err(|e| OpenFailure::Other(Error::Sled(sled::Error::Io(e))))?;
     let (durable_tx, _) = watch::channel(Seq(last));
     let flusher = Arc::new(Flusher::default());
     let inner = Arc::new(Inner {
@@ -1005,6 +1039,7 @@ fn open_attempt(
         quarantine,
         data_file,
         data_path,
+        watermark_file,
         settings,
         lanes,
         last_assigned: AtomicU64::new(last),
@@ -1059,6 +1094,23 @@ fn decode_key(k: &[u8]) -> Option<Seq> {
 
 fn decode_u64(raw: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(raw).ok().map(u64::from_be_bytes)
+}
+
+/// The durable watermark of a previous run, if the file holds a valid one (a torn or
+/// scribbled file is ignored: it can only weaken the truncation check).
+fn read_watermark(path: &Path) -> Option<u64> {
+    let raw = std::fs::read(path).ok()?;
+    let seq = decode_u64(raw.get(..8)?)?;
+    let check = decode_u64(raw.get(8..16)?)?;
+    (check == !seq).then_some(seq)
+}
+
+fn write_watermark(file: &File, seq: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut record = [0u8; 16];
+    record[..8].copy_from_slice(&seq.to_be_bytes());
+    record[8..].copy_from_slice(&(!seq).to_be_bytes());
+    file.write_all_at(&record, 0)
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
