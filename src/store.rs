@@ -48,6 +48,10 @@
 //!     **in the same sled transaction as the removals**, so evicted events are never lost
 //!     silently. It goes to lane 0: it reports lost data, upstream should learn it before the
 //!     backlog, and a lane-2 report would be the next round's eviction candidate.
+//!   - The report's ranges are runs of consecutive seqs, at most 1024 per lane; beyond that
+//!     `ranges_truncated` is set and the lane's `first_seq..=last_seq` span says it: every
+//!     waiting event of that lane in the span was evicted (a round takes the oldest of a lane).
+//!   - An outbox found over budget at open (a lowered `max_bytes`) gets a round at once.
 //!   - An evicted event may already be in flight to the broker; upstream may then get it and
 //!     also see it listed as evicted.
 //! - **A bad record never stops the outbox.** A value that cannot be decoded is moved to the
@@ -109,8 +113,9 @@ const LANES: [Lane; 3] = [Lane::Urgent, Lane::Access, Lane::Routine];
 const EVICTABLE: [Lane; 2] = [Lane::Routine, Lane::Access];
 /// Bytes of an outbox key (lane byte + big-endian seq), counted in the budget.
 const KEY_BYTES: u64 = 9;
-/// At most this many seq ranges per lane in an `outbox.evicted` event (the span is always given).
-const MAX_REPORTED_RANGES: usize = 64;
+/// At most this many seq ranges per lane in an `outbox.evicted` event (the span is always
+/// given): 1024 runs of two 13-digit seqs are ~32 KB, well inside the 256 KiB MQTT packet limit.
+const MAX_REPORTED_RANGES: usize = 1024;
 
 /// The default of [`Settings::max_bytes`] (`[store] max_bytes`): 256 MiB.
 pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
@@ -228,7 +233,7 @@ pub struct EvictedLane {
     /// evicted (a round always takes the oldest of a lane).
     pub first: Seq,
     pub last: Seq,
-    /// The evicted seqs as inclusive runs of consecutive seqs, oldest first, at most 64.
+    /// The evicted seqs as inclusive runs of consecutive seqs, oldest first, at most 1024.
     pub ranges: Vec<(Seq, Seq)>,
     /// Whether more runs existed than `ranges` holds.
     pub ranges_truncated: bool,
@@ -420,12 +425,23 @@ impl Store {
     /// Opens (or creates) the store in `dir`.
     ///
     /// On a damaged database the directory is moved aside and a fresh one created (see the
-    /// module doc and [`Store::recovery`]).
+    /// module doc and [`Store::recovery`]). An outbox over [`Settings::max_bytes`] gets an
+    /// eviction round at once.
     ///
     /// # Errors
     /// [`Error::Locked`] when another process holds the store; other I/O errors (permissions,
     /// a full disk); the rename of a damaged directory failing.
     pub fn open_with(dir: &Path, settings: Settings) -> Result<Store, Error> {
+        let store = Store::open_or_recover(dir, settings)?;
+        // A lowered `max_bytes` (or a crash between an append and its eviction round) leaves
+        // the outbox over budget: enforce it now rather than at the next append.
+        if store.total_bytes() > settings.max_bytes && store.evict()?.is_some() {
+            store.flush()?;
+        }
+        Ok(store)
+    }
+
+    fn open_or_recover(dir: &Path, settings: Settings) -> Result<Store, Error> {
         match open_attempt(dir, settings, None) {
             Ok(store) => Ok(store),
             Err(OpenFailure::Other(e)) => Err(e),
@@ -1521,6 +1537,27 @@ mod tests {
         assert_eq!((e.lanes[0].first, e.lanes[0].last), (a.seq, a.seq));
         assert_eq!(store.stats().unwrap().lanes[2].depth, 0);
         assert_eq!(store.stats().unwrap().lanes[0].depth, 11);
+    }
+
+    #[test]
+    fn an_eviction_report_lists_runs_of_seqs_and_says_when_it_stopped_listing() {
+        let removed: Vec<(Vec<u8>, u64)> = (0..3000u64)
+            .map(|i| (key(Lane::Routine, Seq(1 + 2 * i)).to_vec(), 100))
+            .chain([(key(Lane::Access, Seq(10_000)).to_vec(), 100)])
+            .chain([(key(Lane::Access, Seq(10_001)).to_vec(), 100)])
+            .collect();
+        let lanes = evicted_lanes(&removed);
+        assert_eq!(lanes.len(), 2);
+        let (r, a) = (&lanes[0], &lanes[1]);
+        assert_eq!(
+            (r.lane, r.count, r.first, r.last),
+            (Lane::Routine, 3000, Seq(1), Seq(5999))
+        );
+        assert_eq!(r.ranges.len(), MAX_REPORTED_RANGES);
+        assert_eq!(r.ranges[1], (Seq(3), Seq(3)));
+        assert!(r.ranges_truncated);
+        assert_eq!(a.ranges, vec![(Seq(10_000), Seq(10_001))]);
+        assert!(!a.ranges_truncated);
     }
 
     #[derive(Debug, Clone)]
