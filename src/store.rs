@@ -878,6 +878,66 @@ impl Store {
     }
 }
 
+/// The `village-gateway outbox` report of `stats`: one line per lane (depth and logical
+/// bytes), the total against `max_bytes`, the oldest waiting event's time and age (from
+/// `now`), the last assigned and last acknowledged seq, and quarantined records.
+pub fn render_stats(
+    stats: &OutboxStats,
+    max_bytes: u64,
+    quarantined: usize,
+    now: SystemTime,
+) -> String {
+    use std::fmt::Write as _;
+    let when = |t: SystemTime| {
+        let age = now.duration_since(t).unwrap_or_default().as_secs();
+        format!("{} ({age} s ago)", humantime::format_rfc3339_millis(t))
+    };
+    let mut out = String::new();
+    let names = [
+        "lane 0 (fire, fault)",
+        "lane 1 (access, door)",
+        "lane 2 (routine)",
+    ];
+    for (name, l) in names.iter().zip(stats.lanes.iter()) {
+        let _ = writeln!(out, "{name:<24}depth {:<10}bytes {}", l.depth, l.bytes);
+    }
+    let percent = if max_bytes == 0 {
+        0.0
+    } else {
+        // Display only: the precision of f64 is ample for a percentage.
+        #[allow(clippy::cast_precision_loss)]
+        let p = stats.bytes as f64 * 100.0 / max_bytes as f64;
+        p
+    };
+    let _ = writeln!(
+        out,
+        "{:<24}depth {:<10}bytes {} of {max_bytes} ({percent:.1} %)",
+        "total", stats.depth, stats.bytes
+    );
+    let _ = writeln!(
+        out,
+        "{:<24}{}",
+        "oldest pending",
+        stats.oldest.map_or_else(|| "-".to_owned(), when)
+    );
+    let _ = writeln!(
+        out,
+        "{:<24}{}",
+        "last seq assigned",
+        stats
+            .last_seq
+            .map_or_else(|| "-".to_owned(), |s| s.0.to_string())
+    );
+    let acked = match (stats.last_acked, stats.last_acked_at) {
+        (Some(s), Some(t)) => format!("{} (at {})", s.0, when(t)),
+        (Some(s), None) => s.0.to_string(),
+        (None, _) => "-".to_owned(),
+    };
+    let _ = writeln!(out, "{:<24}{acked}", "last acknowledged seq");
+    let _ = writeln!(out, "{:<24}{quarantined}", "quarantined records");
+    out
+}
+
 /// Groups removed outbox records by lane (lane 2 first) into counts and runs of seqs.
 fn evicted_lanes(removed: &[(Vec<u8>, u64)]) -> Vec<EvictedLane> {
     let mut out = Vec::new();
