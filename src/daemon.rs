@@ -419,19 +419,25 @@ impl Actuator {
                 }
             }
         }
-        // The latched state goes to the store before the events: once an event counts as
-        // stored, the alarm it reports survives a restart too.
+        // The latched state and the events of the step go to the store together, in one
+        // transaction: a restart never restores an alarm whose fire.alarm was lost, nor
+        // forgets one whose fire.alarm was stored.
         let latched = engine.latched_state();
-        if latched != self.saved {
+        let latched = (latched != self.saved).then(|| {
             self.saved = latched.clone();
-            let _ = self.events.send(ToStore::Latched(latched));
-        }
-        for event in step.events {
-            log_event(&event);
+            latched
+        });
+        for event in &step.events {
+            log_event(event);
             self.tap(|| Tap::Raised(event.clone()));
+        }
+        if latched.is_some() || !step.events.is_empty() {
             // Unbounded on purpose: the engine must never wait for the disk; events are rare
             // (state changes only), so the queue stays small.
-            let _ = self.events.send(ToStore::Event(event));
+            let _ = self.events.send(ToStore::Step {
+                latched,
+                events: step.events,
+            });
         }
 
         self.status.send_if_modified(|s| {
@@ -575,12 +581,14 @@ fn log_event(e: &Event) {
     }
 }
 
-/// What the engine loop hands to the store writer, in order.
+/// What the engine loop hands to the store writer, in order: one engine step's events and,
+/// if they changed, the latched alarms to keep for a restart (stored in one transaction).
 #[derive(Debug)]
 enum ToStore {
-    Event(Event),
-    /// The latched alarms changed: keep them for a restart.
-    Latched(Latched),
+    Step {
+        latched: Option<Latched>,
+        events: Vec<Event>,
+    },
 }
 
 /// The key of the latched alarms among the store's state records.
@@ -636,46 +644,46 @@ fn store_writer(
     tap: Option<&broadcast::Sender<Tap>>,
     not_durable: &NotDurable,
 ) {
-    while let Some(item) = queue.blocking_recv() {
-        let event = match item {
-            ToStore::Event(event) => event,
-            ToStore::Latched(latched) => {
-                let saved = serde_json::to_vec(&latched)
-                    .map_err(|e| e.to_string())
-                    .and_then(|bytes| {
-                        store
-                            .save_state(LATCHED_KEY, &bytes)
-                            .map_err(|e| e.to_string())
-                    });
-                if let Err(e) = saved {
-                    error!(error = %e, "Latched alarms could not be saved; a restart would forget them.");
-                }
+    while let Some(ToStore::Step { latched, events }) = queue.blocking_recv() {
+        let state = match latched.as_ref().map(serde_json::to_vec).transpose() {
+            Ok(state) => state,
+            Err(e) => {
+                error!(error = %e, "Latched alarms could not be encoded; a restart would forget them.");
+                None
+            }
+        };
+        let step = match store.append_step(&events, state.as_deref().map(|v| (LATCHED_KEY, v))) {
+            Ok(step) => step,
+            Err(e) => {
+                // The events are lost to upstream; the local alarm has already been acted on.
+                let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+                error!(events = ?kinds, latched = state.is_some(), error = %e, "Events could not be stored.");
                 continue;
             }
         };
-        let kind = event.kind;
-        match store.append_reporting(&event) {
-            Ok(appended) => {
-                // The store logged the eviction itself; its report is one more stored event.
-                let report = appended
-                    .eviction
-                    .map(|e| (e.report_seq, EventKind::OutboxEvicted));
-                if let Some(tap) = tap {
-                    let mut held = not_durable.lock().unwrap_or_else(PoisonError::into_inner);
-                    for (seq, kind) in std::iter::once((appended.seq, kind)).chain(report) {
-                        if store.is_durable(seq) {
-                            let _ = tap.send(Tap::Stored { seq, kind });
-                        } else {
-                            held.push((seq, kind));
-                        }
-                    }
-                }
-                if store.is_durable(appended.seq) {
-                    wake.notify_one();
+        // The store logged an eviction itself; its report is one more stored event.
+        let report = step
+            .eviction
+            .as_ref()
+            .map(|e| (e.report_seq, EventKind::OutboxEvicted));
+        let stored = step
+            .seqs
+            .iter()
+            .copied()
+            .zip(events.iter().map(|e| e.kind))
+            .chain(report);
+        if let Some(tap) = tap {
+            let mut held = not_durable.lock().unwrap_or_else(PoisonError::into_inner);
+            for (seq, kind) in stored {
+                if store.is_durable(seq) {
+                    let _ = tap.send(Tap::Stored { seq, kind });
+                } else {
+                    held.push((seq, kind));
                 }
             }
-            // The event is lost to upstream; the local alarm has already been acted on.
-            Err(e) => error!(event = %kind, error = %e, "Event could not be stored."),
+        }
+        if step.seqs.last().is_some_and(|s| store.is_durable(*s)) {
+            wake.notify_one();
         }
     }
 }

@@ -251,6 +251,15 @@ pub struct Eviction {
     pub bytes_after: u64,
 }
 
+/// The result of [`Store::append_step`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// The seqs of the events, in their order.
+    pub seqs: Vec<Seq>,
+    /// The eviction round the step caused, if it took the outbox over its budget.
+    pub eviction: Option<Eviction>,
+}
+
 /// The result of [`Store::append_reporting`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
@@ -543,11 +552,67 @@ impl Store {
     /// sled or the sync failed; the event may then not be stored. An urgent event whose sync
     /// failed is in sled but not reported durable until a later flush succeeds.
     pub fn append_reporting(&self, event: &Event) -> Result<Appended, Error> {
+        let step = self.append_step(std::slice::from_ref(event), None)?;
+        Ok(Appended {
+            seq: step.seqs[0],
+            eviction: step.eviction,
+        })
+    }
+
+    /// Stores `events` under consecutive seqs and, if given, the state record `state`
+    /// (`(key, value)`, as [`Store::save_state`]) **in one transaction**: a crash keeps all or
+    /// nothing. The daemon uses it for the latched alarms and the `fire.alarm` that latched
+    /// them, so a restart can never restore an alarm whose event was lost. Durable before it
+    /// returns when any event is urgent or a state record is given; otherwise as
+    /// [`Store::append_reporting`]. An empty `events` with a state is a durable `save_state`.
+    ///
+    /// # Errors
+    /// As [`Store::append_reporting`]; nothing is stored then.
+    pub fn append_step(
+        &self,
+        events: &[Event],
+        state: Option<(&str, &[u8])>,
+    ) -> Result<Step, Error> {
         let inner = &*self.inner;
-        let value = serde_json::to_vec(event)?;
-        let lane = event.kind.lane();
-        let seq = self.insert_next(lane, &value, &[])?.0;
-        let mut urgent = lane == Lane::Urgent;
+        let mut values = Vec::with_capacity(events.len());
+        for e in events {
+            values.push((e.kind.lane(), serde_json::to_vec(e)?));
+        }
+        let state = state.map(|(k, v)| (state_key(k), v));
+        let first = (&inner.outbox, &inner.meta)
+            .transaction(|(outbox, meta)| {
+                let next = match meta.get(NEXT_SEQ_KEY)? {
+                    Some(raw) => decode_u64(&raw).ok_or_else(|| {
+                        ConflictableTransactionError::Abort(Error::DamagedMeta { len: raw.len() })
+                    })?,
+                    None => 1,
+                };
+                for (i, (lane, v)) in (0u64..).zip(&values) {
+                    outbox.insert(&key(*lane, Seq(next + i))[..], v.as_slice())?;
+                }
+                meta.insert(
+                    NEXT_SEQ_KEY,
+                    &(next + values.len() as u64).to_be_bytes()[..],
+                )?;
+                if let Some((k, v)) = &state {
+                    meta.insert(k.as_slice(), *v)?;
+                }
+                Ok(next)
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => Error::Sled(e),
+            })?;
+        let mut seqs = Vec::with_capacity(values.len());
+        for (i, (lane, v)) in (0u64..).zip(&values) {
+            let c = &inner.lanes[*lane as usize];
+            c.depth.fetch_add(1, Ordering::SeqCst);
+            c.bytes
+                .fetch_add(KEY_BYTES + v.len() as u64, Ordering::SeqCst);
+            inner.last_assigned.fetch_max(first + i, Ordering::SeqCst);
+            seqs.push(Seq(first + i));
+        }
+        let mut urgent = state.is_some() || values.iter().any(|(l, _)| *l == Lane::Urgent);
         let eviction = if self.total_bytes() > inner.settings.max_bytes {
             let eviction = self.evict()?;
             urgent |= eviction.is_some();
@@ -557,26 +622,16 @@ impl Store {
         };
         if urgent {
             self.flush()?;
-        } else {
+        } else if !seqs.is_empty() {
             inner.flusher.mark_dirty();
         }
-        Ok(Appended { seq, eviction })
+        Ok(Step { seqs, eviction })
     }
 
-    /// One transaction: remove `evict` keys (returning what was really removed), insert `value`
-    /// in `lane` under the next seq, advance the next seq. Updates the in-memory counters.
-    #[allow(clippy::type_complexity)]
-    fn insert_next(
-        &self,
-        lane: Lane,
-        value: &[u8],
-        evict: &[Vec<u8>],
-    ) -> Result<(Seq, Vec<(Vec<u8>, u64)>), Error> {
-        self.insert_next_with(lane, evict, |_, _| value.to_vec())
-    }
-
-    /// As [`Store::insert_next`], with the value built from the seq and the removed records
-    /// (the eviction report names what the transaction really removed).
+    /// One transaction: remove `evict` keys (returning what was really removed), insert the
+    /// value built from the seq and the removed records in `lane` under the next seq (the
+    /// eviction report names what the transaction really removed), advance the next seq.
+    /// Updates the in-memory counters.
     #[allow(clippy::type_complexity)]
     fn insert_next_with(
         &self,
@@ -1597,6 +1652,31 @@ mod tests {
         assert_eq!((e.lanes[0].first, e.lanes[0].last), (a.seq, a.seq));
         assert_eq!(store.stats().unwrap().lanes[2].depth, 0);
         assert_eq!(store.stats().unwrap().lanes[0].depth, 11);
+    }
+
+    #[test]
+    fn a_step_stores_its_events_and_state_record_together_and_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let store = Store::open_with(&path, manual_flush()).unwrap();
+            store.append(&event(EventKind::FireAlarm, 0)).unwrap();
+            let events = [
+                event(EventKind::AccessGranted, 1),
+                event(EventKind::GatewayStarted, 2),
+            ];
+            let step = store
+                .append_step(&events, Some(("fire.latched", b"[1]")))
+                .unwrap();
+            assert_eq!(step.seqs, vec![Seq(2), Seq(3)]);
+            // Routine events, but with a state record: durable at once.
+            assert!(store.is_durable(Seq(3)));
+            assert_eq!(pending_seqs(&store), vec![1, 2, 3]);
+            assert_eq!(store.stats().unwrap().lanes[1].depth, 1);
+        }
+        let store = reopen(&path);
+        assert_eq!(store.load_state("fire.latched").unwrap().unwrap(), b"[1]");
+        assert_eq!(store.stats().unwrap().last_seq, Some(Seq(3)));
     }
 
     #[test]
