@@ -304,6 +304,8 @@ struct Inner {
     /// The highest acknowledged (removed) seq, 0 for none, and the Unix ms of the last removal.
     last_acked: AtomicU64,
     last_acked_ms: AtomicU64,
+    /// Set by a removal, cleared when `last_acked` is written to `meta` (at the next flush).
+    acked_dirty: AtomicBool,
     /// Serialises eviction rounds (several appenders would otherwise plan the same removals).
     evicting: Mutex<()>,
     /// Set while lane 0 alone is over the budget, so that is logged once, not per append.
@@ -312,17 +314,37 @@ struct Inner {
     recovery: Option<Recovery>,
 }
 
+impl Inner {
+    /// Writes the last acknowledged seq and its time to `meta` if a removal changed them.
+    fn save_acked(&self) -> Result<(), Error> {
+        if !self.acked_dirty.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut record = [0u8; 16];
+        record[..8].copy_from_slice(&self.last_acked.load(Ordering::SeqCst).to_be_bytes());
+        record[8..].copy_from_slice(&self.last_acked_ms.load(Ordering::SeqCst).to_be_bytes());
+        self.meta.insert(LAST_ACKED_KEY, &record[..]).map_err(|e| {
+            self.acked_dirty.store(true, Ordering::SeqCst);
+            Error::from(e)
+        })?;
+        Ok(())
+    }
+}
+
 impl Drop for Inner {
     /// The last handle is gone: a clean close, so whatever is waiting for the flusher goes to
     /// disk now (best effort: there is nobody left to tell about an error but the log).
     fn drop(&mut self) {
         self.flusher.stop();
-        let synced = self.db.flush().map_err(Error::from).and_then(|_| {
-            self.data_file.sync_data().map_err(|e| Error::Sync {
-                path: self.data_path.clone(),
-                source: e,
-            })
-        });
+        let synced = self
+            .save_acked()
+            .and_then(|()| self.db.flush().map_err(Error::from))
+            .and_then(|_| {
+                self.data_file.sync_data().map_err(|e| Error::Sync {
+                    path: self.data_path.clone(),
+                    source: e,
+                })
+            });
         if let Err(e) = synced {
             tracing::error!(error = %e, "Outbox flush at close failed.");
         }
@@ -797,16 +819,12 @@ impl Store {
                 c.depth.fetch_sub(1, Ordering::SeqCst);
                 c.bytes
                     .fetch_sub(KEY_BYTES + old.len() as u64, Ordering::SeqCst);
-                let now_ms = unix_ms(SystemTime::now());
-                inner.last_acked_ms.store(now_ms, Ordering::SeqCst);
-                let acked = inner
-                    .last_acked
-                    .fetch_max(seq.0, Ordering::SeqCst)
-                    .max(seq.0);
-                let mut record = [0u8; 16];
-                record[..8].copy_from_slice(&acked.to_be_bytes());
-                record[8..].copy_from_slice(&now_ms.to_be_bytes());
-                inner.meta.insert(LAST_ACKED_KEY, &record[..])?;
+                inner
+                    .last_acked_ms
+                    .store(unix_ms(SystemTime::now()), Ordering::SeqCst);
+                inner.last_acked.fetch_max(seq.0, Ordering::SeqCst);
+                // Written by the next flush: one record per flush, not one per PUBACK.
+                inner.acked_dirty.store(true, Ordering::SeqCst);
                 inner.flusher.mark_dirty();
                 return Ok(());
             }
@@ -878,14 +896,17 @@ impl Store {
         let inner = &*self.inner;
         let upto = inner.last_assigned.load(Ordering::SeqCst);
         inner.flusher.clear();
-        let synced = inner.db.flush().map_err(Error::from).and_then(|_| {
-            // sled's flush ends in sync_file_range, which is no barrier against power loss
-            // (sled issue 1452): make it durable ourselves.
-            inner.data_file.sync_data().map_err(|source| Error::Sync {
-                path: inner.data_path.clone(),
-                source,
-            })
-        });
+        let synced = inner
+            .save_acked()
+            .and_then(|()| inner.db.flush().map_err(Error::from))
+            .and_then(|_| {
+                // sled's flush ends in sync_file_range, which is no barrier against power loss
+                // (sled issue 1452): make it durable ourselves.
+                inner.data_file.sync_data().map_err(|source| Error::Sync {
+                    path: inner.data_path.clone(),
+                    source,
+                })
+            });
         if let Err(e) = synced {
             inner.flusher.mark_dirty();
             return Err(e);
@@ -1178,6 +1199,7 @@ fn open_attempt(
         durable_tx,
         last_acked: AtomicU64::new(acked),
         last_acked_ms: AtomicU64::new(acked_ms),
+        acked_dirty: AtomicBool::new(false),
         evicting: Mutex::new(()),
         over_budget_logged: AtomicBool::new(false),
         flusher: flusher.clone(),
