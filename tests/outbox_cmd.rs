@@ -10,6 +10,8 @@ use village_gateway::store::Store;
 
 const BIN: &str = env!("CARGO_BIN_EXE_village-gateway");
 
+mod common;
+
 fn config(dir: &Path) -> PathBuf {
     let path = dir.join("gateway.toml");
     let text = format!(
@@ -127,4 +129,31 @@ fn outbox_says_when_there_is_no_store_and_creates_none() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("there is no outbox at"), "{stderr}");
     assert!(!dir.path().join("state/outbox").exists());
+}
+
+#[test]
+fn outbox_refuses_clearly_while_the_real_daemon_runs() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _enter = rt.enter();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = common::village(1);
+    let pty = sim.serve_pty().unwrap();
+    // No broker: the daemon keeps retrying upstream and holds its outbox.
+    let config = common::write_config(dir.path(), pty.path(), 1, 1, &dir.path().join("state"));
+    let _daemon = common::Daemon::spawn(&config);
+    let log = config.with_extension("log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("Gateway started.")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let out = outbox(&config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is in use by another process"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
