@@ -24,10 +24,10 @@ use common::{
     free_port, village, wait_for_port, wait_subscribed, write_config, Daemon, Subscriber,
 };
 
-/// Detectors 1..=5 are raised one by one during the run and stay in alarm; 6..=8 make the
+/// Detectors 1..=5 are raised one by one during the run and stay in alarm; 6..=10 make the
 /// steady load (faults and cleared faults, offline and online).
 const FIRE_UNITS: [u8; 5] = [1, 2, 3, 4, 5];
-const LOAD_UNITS: [u8; 3] = [6, 7, 8];
+const LOAD_UNITS: [u8; 5] = [6, 7, 8, 9, 10];
 
 /// A small xorshift generator: reproducible from the printed seed, no dependency.
 struct Rng(u64);
@@ -139,9 +139,9 @@ async fn sigkill_at_random_moments_loses_no_seq_and_no_fire_alarm() {
 
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let sim = village(8);
+    let sim = village(10);
     let pty = sim.serve_pty().unwrap();
-    let config = write_config(dir.path(), pty.path(), 8, port, &state);
+    let config = write_config(dir.path(), pty.path(), 10, port, &state);
     let mut daemon = Daemon::spawn(&config);
 
     // The steady load: faults, offline/online, and now and then a reset command upstream.
@@ -156,10 +156,10 @@ async fn sigkill_at_random_moments_loses_no_seq_and_no_fire_alarm() {
             while !stop.is_cancelled() {
                 let unit = UnitId(rng.pick(&LOAD_UNITS));
                 match rng.next() % 10 {
-                    0..=5 => {
+                    0..=4 => {
                         sim.set_smoke(unit, rng.pick(&[SmokeState::Fault, SmokeState::Normal]));
                     }
-                    6..=8 => sim.set_offline(unit, rng.next().is_multiple_of(2)),
+                    5..=6 => sim.set_offline(unit, rng.next().is_multiple_of(2)),
                     _ => {
                         resets += 1;
                         let _ = client
@@ -172,7 +172,7 @@ async fn sigkill_at_random_moments_loses_no_seq_and_no_fire_alarm() {
                             .await;
                     }
                 }
-                tokio::time::sleep(rng.ms(50, 300)).await;
+                tokio::time::sleep(rng.ms(20, 120)).await;
             }
         })
     };
