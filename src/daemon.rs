@@ -419,9 +419,9 @@ impl Actuator {
                 }
             }
         }
-        // The latched state and the events of the step go to the store together, in one
-        // transaction: a restart never restores an alarm whose fire.alarm was lost, nor
-        // forgets one whose fire.alarm was stored.
+        // The latched state and the events of the step go to the store together, the state
+        // written last: a restart never restores an alarm whose fire.alarm was lost (one whose
+        // state record was lost latches again on its detector's first poll).
         let latched = engine.latched_state();
         let latched = (latched != self.saved).then(|| {
             self.saved = latched.clone();
@@ -582,7 +582,7 @@ fn log_event(e: &Event) {
 }
 
 /// What the engine loop hands to the store writer, in order: one engine step's events and,
-/// if they changed, the latched alarms to keep for a restart (stored in one transaction).
+/// if they changed, the latched alarms to keep for a restart (`Store::append_step`).
 #[derive(Debug)]
 enum ToStore {
     Step {

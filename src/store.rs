@@ -5,11 +5,21 @@
 //! [`Store::append`] for every event and [`Store::flush`] at shutdown.
 //!
 //! Invariants:
-//! - **Gap-free seq.** Seqs start at 1 and grow by exactly 1 per appended event, across restarts:
-//!   the next seq lives in the `meta` tree and is written in the same sled transaction as the
-//!   event (sled's `generate_id` is unique but jumps after a restart). A crash that loses an
-//!   event not yet on disk loses its seq with it (same transaction), so the seq is assigned again
-//!   after the restart; that is harmless because of the next point.
+//! - **Gap-free seq.** Seqs start at 1 and grow by exactly 1 per appended event, across restarts
+//!   (sled's `generate_id` is unique but jumps after a restart). The next seq lives in the `meta`
+//!   tree, written after the events it follows; at open it is the larger of that record and the
+//!   highest seq in the outbox plus one. A crash that loses an event not yet on disk loses its
+//!   seq with it, so the seq is assigned again after the restart; that is harmless because of
+//!   the next point.
+//! - **Write order instead of transactions.** Every write is a single-key sled write, in this
+//!   order: the events (in seq order), the next seq, then a state record (the latched alarms);
+//!   eviction writes its report before its removals. sled recovers its log in order and stops
+//!   at the first torn message (sled's `doc::testing_strategies`, "recover the log in-order"),
+//!   so a crash keeps a prefix of these writes: a latched-alarms record on disk implies the
+//!   `fire.alarm` written before it is too. sled transactions and batches would give the same
+//!   guarantees at about 6.8 KB written to disk per 129-byte event, against about 1 KB for
+//!   single-key writes (measured on ext4 from `/proc/self/io`, 20 000 appends, flushes every
+//!   200 ms).
 //! - **Durable point.** An event is *stored* once sled's `flush()` **and** an `fdatasync` of
 //!   sled's data file have completed after its append (sled's flush ends in
 //!   `sync_file_range`, no barrier against power loss: sled issue 1452, CRATES.md). Nothing
@@ -45,8 +55,8 @@
 //!     Lane 0 is never evicted; if lane 0 alone exceeds the budget the outbox grows beyond it
 //!     (logged at ERROR): a fire alarm is never dropped to save disk.
 //!   - Each round appends one `outbox.evicted` event with the counts and seq ranges per lane,
-//!     **in the same sled transaction as the removals**, so evicted events are never lost
-//!     silently. It goes to lane 0: it reports lost data, upstream should learn it before the
+//!     written **before** the removals, so evicted events are never lost silently (a crash in
+//!     between leaves events both reported evicted and sent: a duplicate, not a loss). It goes to lane 0: it reports lost data, upstream should learn it before the
 //!     backlog, and a lane-2 report would be the next round's eviction candidate.
 //!   - The report's ranges are runs of consecutive seqs, at most 1024 per lane; beyond that
 //!     `ranges_truncated` is set and the lane's `first_seq..=last_seq` span says it: every
@@ -89,8 +99,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 use tokio::sync::watch;
 
 use crate::event::{Event, EventData, EventKind, Lane, Seq};
@@ -296,7 +304,9 @@ struct Inner {
     /// Per lane: records and logical bytes in `outbox`, kept in memory because `Tree::len`
     /// walks the whole tree.
     lanes: [LaneCounters; 3],
-    /// The last seq whose transaction committed (0: none yet).
+    /// The next seq to assign; its lock serialises appends (see `insert_in_order`).
+    next_seq: Mutex<u64>,
+    /// The last seq written to sled (0: none yet).
     last_assigned: AtomicU64,
     /// The durable watermark: every seq up to it is on disk (0: none yet).
     durable: AtomicU64,
@@ -582,14 +592,17 @@ impl Store {
     }
 
     /// Stores `events` under consecutive seqs and, if given, the state record `state`
-    /// (`(key, value)`, as [`Store::save_state`]) **in one transaction**: a crash keeps all or
-    /// nothing. The daemon uses it for the latched alarms and the `fire.alarm` that latched
-    /// them, so a restart can never restore an alarm whose event was lost. Durable before it
-    /// returns when any event is urgent or a state record is given; otherwise as
-    /// [`Store::append_reporting`]. An empty `events` with a state is a durable `save_state`.
+    /// (`(key, value)`, as [`Store::save_state`]), the state record written last: a crash keeps
+    /// the events without the state record or everything, never the state without its events
+    /// (module doc, "Write order"). The daemon uses it for the latched alarms and the
+    /// `fire.alarm` that latched them, so a restart can never restore an alarm whose event was
+    /// lost. Durable before it returns when any event is urgent or a state record is given;
+    /// otherwise as [`Store::append_reporting`]. An empty `events` with a state is a durable
+    /// `save_state`.
     ///
     /// # Errors
-    /// As [`Store::append_reporting`]; nothing is stored then.
+    /// As [`Store::append_reporting`]; the events written before the failing write are stored
+    /// (and will be sent), the rest not.
     pub fn append_step(
         &self,
         events: &[Event],
@@ -601,40 +614,12 @@ impl Store {
             values.push((e.kind.lane(), serde_json::to_vec(e)?));
         }
         let state = state.map(|(k, v)| (state_key(k), v));
-        let first = (&inner.outbox, &inner.meta)
-            .transaction(|(outbox, meta)| {
-                let next = match meta.get(NEXT_SEQ_KEY)? {
-                    Some(raw) => decode_u64(&raw).ok_or_else(|| {
-                        ConflictableTransactionError::Abort(Error::DamagedMeta { len: raw.len() })
-                    })?,
-                    None => 1,
-                };
-                for (i, (lane, v)) in (0u64..).zip(&values) {
-                    outbox.insert(&key(*lane, Seq(next + i))[..], v.as_slice())?;
-                }
-                meta.insert(
-                    NEXT_SEQ_KEY,
-                    &(next + values.len() as u64).to_be_bytes()[..],
-                )?;
-                if let Some((k, v)) = &state {
-                    meta.insert(k.as_slice(), *v)?;
-                }
-                Ok(next)
-            })
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => Error::Sled(e),
-            })?;
-        let mut seqs = Vec::with_capacity(values.len());
-        for (i, (lane, v)) in (0u64..).zip(&values) {
-            let c = &inner.lanes[*lane as usize];
-            c.depth.fetch_add(1, Ordering::SeqCst);
-            c.bytes
-                .fetch_add(KEY_BYTES + v.len() as u64, Ordering::SeqCst);
-            inner.last_assigned.fetch_max(first + i, Ordering::SeqCst);
-            seqs.push(Seq(first + i));
-        }
-        let mut urgent = state.is_some() || values.iter().any(|(l, _)| *l == Lane::Urgent);
+        let count = values.len();
+        let urgent_event = values.iter().any(|(l, _)| *l == Lane::Urgent);
+        let first =
+            self.insert_in_order(values, state.as_ref().map(|(k, v)| (k.as_slice(), *v)))?;
+        let seqs: Vec<Seq> = (first..).take(count).map(Seq).collect();
+        let mut urgent = state.is_some() || urgent_event;
         let eviction = if self.total_bytes() > inner.settings.max_bytes {
             let eviction = self.evict()?;
             urgent |= eviction.is_some();
@@ -650,56 +635,39 @@ impl Store {
         Ok(Step { seqs, eviction })
     }
 
-    /// One transaction: remove `evict` keys (returning what was really removed), insert the
-    /// value built from the seq and the removed records in `lane` under the next seq (the
-    /// eviction report names what the transaction really removed), advance the next seq.
-    /// Updates the in-memory counters.
-    #[allow(clippy::type_complexity)]
-    fn insert_next_with(
+    /// Inserts `values` (lane, record) under the next seqs, then the next seq, then the state
+    /// record, in that order, as single-key writes (see "Write order" in the module doc);
+    /// updates the in-memory counters. Returns the first seq.
+    fn insert_in_order(
         &self,
-        lane: Lane,
-        evict: &[Vec<u8>],
-        value: impl Fn(Seq, &[(Vec<u8>, u64)]) -> Vec<u8>,
-    ) -> Result<(Seq, Vec<(Vec<u8>, u64)>), Error> {
+        values: Vec<(Lane, Vec<u8>)>,
+        state: Option<(&[u8], &[u8])>,
+    ) -> Result<u64, Error> {
         let inner = &*self.inner;
-        // One transaction for the removals, the event and the counter: all or nothing
-        // (gap-free seq; an eviction is never without its report).
-        let (seq, removed, len) = (&inner.outbox, &inner.meta)
-            .transaction(|(outbox, meta)| {
-                let next = match meta.get(NEXT_SEQ_KEY)? {
-                    Some(raw) => decode_u64(&raw).ok_or_else(|| {
-                        ConflictableTransactionError::Abort(Error::DamagedMeta { len: raw.len() })
-                    })?,
-                    None => 1,
-                };
-                let mut removed = Vec::new();
-                for k in evict {
-                    if let Some(old) = outbox.remove(k.as_slice())? {
-                        removed.push((k.clone(), old.len() as u64));
-                    }
-                }
-                let v = value(Seq(next), &removed);
-                outbox.insert(&key(lane, Seq(next))[..], v.as_slice())?;
-                meta.insert(NEXT_SEQ_KEY, &(next + 1).to_be_bytes()[..])?;
-                Ok((Seq(next), removed, v.len() as u64))
-            })
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => Error::Sled(e),
-            })?;
-        for (k, len) in &removed {
-            if let Some(l) = k.first().and_then(|b| lane_of(*b)) {
-                inner.lanes[l as usize].depth.fetch_sub(1, Ordering::SeqCst);
-                inner.lanes[l as usize]
-                    .bytes
-                    .fetch_sub(KEY_BYTES + len, Ordering::SeqCst);
-            }
+        // Held across the writes: seqs are handed out in write order (the order a crash keeps).
+        let mut next = inner
+            .next_seq
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let first = *next;
+        for (lane, v) in values {
+            let seq = *next;
+            inner
+                .outbox
+                .insert(&key(lane, Seq(seq))[..], v.as_slice())?;
+            // Stored: its seq is used even if a later write of this call fails.
+            *next = seq + 1;
+            let c = &inner.lanes[lane as usize];
+            c.depth.fetch_add(1, Ordering::SeqCst);
+            c.bytes
+                .fetch_add(KEY_BYTES + v.len() as u64, Ordering::SeqCst);
+            inner.last_assigned.fetch_max(seq, Ordering::SeqCst);
         }
-        let c = &inner.lanes[lane as usize];
-        c.depth.fetch_add(1, Ordering::SeqCst);
-        c.bytes.fetch_add(KEY_BYTES + len, Ordering::SeqCst);
-        inner.last_assigned.fetch_max(seq.0, Ordering::SeqCst);
-        Ok((seq, removed))
+        inner.meta.insert(NEXT_SEQ_KEY, &next.to_be_bytes()[..])?;
+        if let Some((k, v)) = state {
+            inner.meta.insert(k, v)?;
+        }
+        Ok(first)
     }
 
     fn total_bytes(&self) -> u64 {
@@ -711,7 +679,7 @@ impl Store {
     }
 
     /// One eviction round (module doc): oldest lane 2, then lane 1, down to the budget minus
-    /// the slack, with an `outbox.evicted` report in lane 0, in one transaction.
+    /// the slack, with an `outbox.evicted` report in lane 0, written before the removals.
     fn evict(&self) -> Result<Option<Eviction>, Error> {
         let inner = &*self.inner;
         let _round = inner
@@ -750,12 +718,21 @@ impl Store {
             return Ok(None);
         }
         inner.over_budget_logged.store(false, Ordering::SeqCst);
-        let (report_seq, removed) = self.insert_next_with(Lane::Urgent, &plan, |_, removed| {
-            let event = eviction_event(&evicted_lanes(removed), before, max);
-            // Encoding plain data cannot fail; an empty record would be quarantined, not lost.
-            serde_json::to_vec(&event).unwrap_or_default()
-        })?;
-        let lanes = evicted_lanes(&removed);
+        // The report first, then the removals: a crash in between leaves events reported
+        // evicted that are still sent (a duplicate report), never events gone unreported.
+        let lanes = evicted_lanes(&plan);
+        let report = serde_json::to_vec(&eviction_event(&lanes, before, max))?;
+        let report_seq = Seq(self.insert_in_order(vec![(Lane::Urgent, report)], None)?);
+        for k in &plan {
+            if let Some(old) = inner.outbox.remove(k.as_slice())? {
+                if let Some(l) = k.first().and_then(|b| lane_of(*b)) {
+                    let c = &inner.lanes[l as usize];
+                    c.depth.fetch_sub(1, Ordering::SeqCst);
+                    c.bytes
+                        .fetch_sub(KEY_BYTES + old.len() as u64, Ordering::SeqCst);
+                }
+            }
+        }
         let after = self.total_bytes();
         for l in &lanes {
             tracing::error!(
@@ -1015,13 +992,13 @@ pub fn render_stats(
 }
 
 /// Groups removed outbox records by lane (lane 2 first) into counts and runs of seqs.
-fn evicted_lanes(removed: &[(Vec<u8>, u64)]) -> Vec<EvictedLane> {
+fn evicted_lanes(removed: &[Vec<u8>]) -> Vec<EvictedLane> {
     let mut out = Vec::new();
     for lane in EVICTABLE {
         let mut seqs: Vec<u64> = removed
             .iter()
-            .filter(|(k, _)| k.first() == Some(&(lane as u8)))
-            .filter_map(|(k, _)| decode_key(k))
+            .filter(|k| k.first() == Some(&(lane as u8)))
+            .filter_map(|k| decode_key(k))
             .map(|s| s.0)
             .collect();
         if seqs.is_empty() {
@@ -1194,6 +1171,7 @@ fn open_attempt(
         watermark_file,
         settings,
         lanes,
+        next_seq: Mutex::new(next),
         last_assigned: AtomicU64::new(last),
         durable: AtomicU64::new(last),
         durable_tx,
@@ -1703,10 +1681,10 @@ mod tests {
 
     #[test]
     fn an_eviction_report_lists_runs_of_seqs_and_says_when_it_stopped_listing() {
-        let removed: Vec<(Vec<u8>, u64)> = (0..3000u64)
-            .map(|i| (key(Lane::Routine, Seq(1 + 2 * i)).to_vec(), 100))
-            .chain([(key(Lane::Access, Seq(10_000)).to_vec(), 100)])
-            .chain([(key(Lane::Access, Seq(10_001)).to_vec(), 100)])
+        let removed: Vec<Vec<u8>> = (0..3000u64)
+            .map(|i| key(Lane::Routine, Seq(1 + 2 * i)).to_vec())
+            .chain([key(Lane::Access, Seq(10_000)).to_vec()])
+            .chain([key(Lane::Access, Seq(10_001)).to_vec()])
             .collect();
         let lanes = evicted_lanes(&removed);
         assert_eq!(lanes.len(), 2);
