@@ -825,10 +825,10 @@ impl Store {
                 }
             }
         }
-        let next = match inner.meta.get(NEXT_SEQ_KEY)? {
-            Some(raw) => decode_u64(&raw).ok_or(Error::DamagedMeta { len: raw.len() })?,
-            None => 1,
-        };
+        let next = *inner
+            .next_seq
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let lanes = [0, 1, 2].map(|i| LaneStats {
             depth: inner.lanes[i].depth.load(Ordering::SeqCst),
             bytes: inner.lanes[i].bytes.load(Ordering::SeqCst),
@@ -1084,6 +1084,7 @@ fn open_attempt(
         let meta = db.open_tree("meta")?;
         let quarantine = db.open_tree("quarantine")?;
         let lanes: [LaneCounters; 3] = Default::default();
+        let mut max_seq = 0;
         for item in outbox.iter() {
             let (k, v) = item?;
             if let Some(lane) = k.first().and_then(|b| lane_of(*b)) {
@@ -1092,10 +1093,11 @@ fn open_attempt(
                 c.bytes
                     .fetch_add(KEY_BYTES + v.len() as u64, Ordering::SeqCst);
             }
+            max_seq = max_seq.max(decode_key(&k).map_or(0, |s| s.0));
         }
-        Ok((db, outbox, meta, quarantine, lanes))
+        Ok((db, outbox, meta, quarantine, lanes, max_seq))
     }));
-    let (db, outbox, meta, quarantine, lanes) = match opened {
+    let (db, outbox, meta, quarantine, lanes, max_seq) = match opened {
         Ok(Ok(parts)) => parts,
         Ok(Err(e)) if is_damage(&e) => return Err(OpenFailure::Damaged(e.to_string())),
         Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
@@ -1122,12 +1124,15 @@ fn open_attempt(
                 .map_err(other)?;
         }
     }
+    // The next seq is written after the events it follows (write order): a crash between the
+    // two leaves it behind the last event, never ahead of it.
     let next = match meta.get(NEXT_SEQ_KEY).map_err(other)? {
         Some(raw) => {
             decode_u64(&raw).ok_or(OpenFailure::Other(Error::DamagedMeta { len: raw.len() }))?
         }
         None => 1,
-    };
+    }
+    .max(max_seq + 1);
     let (acked, acked_ms) = match meta.get(LAST_ACKED_KEY).map_err(other)? {
         Some(raw) if raw.len() == 16 => (
             decode_u64(&raw[..8]).unwrap_or(0),
@@ -1677,6 +1682,33 @@ mod tests {
         let store = reopen(&path);
         assert_eq!(store.load_state("fire.latched").unwrap().unwrap(), b"[1]");
         assert_eq!(store.stats().unwrap().last_seq, Some(Seq(3)));
+    }
+
+    #[test]
+    fn a_next_seq_record_behind_the_events_does_not_reuse_their_seqs() {
+        // A crash between an event's write and the next seq's write (module doc, "Write
+        // order") leaves the next-seq record behind the last event.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let store = Store::open(&path).unwrap();
+            for i in 0..3 {
+                store.append(&event(EventKind::FireAlarm, i)).unwrap();
+            }
+            store
+                .inner
+                .meta
+                .insert(NEXT_SEQ_KEY, &2u64.to_be_bytes()[..])
+                .unwrap();
+        }
+        let store = reopen(&path);
+        assert_eq!(store.recovery(), None);
+        assert_eq!(store.stats().unwrap().depth, 3);
+        assert_eq!(store.stats().unwrap().last_seq, Some(Seq(3)));
+        assert_eq!(
+            store.append(&event(EventKind::FireAlarm, 9)).unwrap(),
+            Seq(4)
+        );
     }
 
     #[test]
