@@ -23,9 +23,11 @@ pub(crate) fn village(per_bus: u8) -> Simulator {
     )
 }
 
-/// An upstream subscriber: every event payload received, by seq (duplicates counted).
+/// An upstream subscriber: every event payload received, by seq (duplicates counted), and
+/// every command result.
 pub(crate) struct Subscriber {
     pub(crate) events: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    pub(crate) results: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
     pub(crate) client: rumqttc::AsyncClient,
 }
 
@@ -39,6 +41,7 @@ impl Subscriber {
             .await
             .unwrap();
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let (results_tx, results) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
@@ -50,12 +53,50 @@ impl Subscriber {
                             return;
                         }
                     }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))
+                        if p.topic.ends_with("/cmd-result") =>
+                    {
+                        let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                        let _ = results_tx.send(v);
+                    }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
         });
-        Subscriber { events, client }
+        Subscriber {
+            events,
+            results,
+            client,
+        }
+    }
+
+    /// Publishes command `name` with `payload` and returns its result.
+    pub(crate) async fn command(
+        &mut self,
+        name: &str,
+        payload: serde_json::Value,
+    ) -> serde_json::Value {
+        let id = payload["id"].clone();
+        self.client
+            .publish(
+                format!("village/demo/cmd/{name}"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload.to_string(),
+            )
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let r = self.results.recv().await.expect("subscriber ended");
+                if r["id"] == id {
+                    return r;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no result for command {name} {id} within 10 s"))
     }
 
     /// The next event of `kind`, skipping others; panics after `limit`.
