@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use village_gateway::event::UnitId;
-use village_gateway::sim::{SimChange, SimProfile, Simulator};
+use village_gateway::sim::{SimChange, Simulator};
+// Re-exported: test files that build their own simulated buses use it with the fixtures.
+pub(crate) use village_gateway::sim::SimProfile;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_village-gateway");
 pub(crate) const RELAY: UnitId = UnitId(100);
