@@ -1451,4 +1451,18 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
         let c = check(text).unwrap();
         assert!(!c.detectors.is_empty());
     }
+
+    #[test]
+    fn store_flush_interval_defaults_to_200ms_and_is_refused_outside_1ms_to_10s() {
+        assert_eq!(
+            check(GOOD).unwrap().store.flush_interval,
+            Duration::from_millis(200)
+        );
+        let ok = check(&format!("{GOOD}\n[store]\nflush_interval = \"50ms\"\n")).unwrap();
+        assert_eq!(ok.store.flush_interval, Duration::from_millis(50));
+        for bad in ["\"20s\"", "\"0ms\"", "\"200\""] {
+            let e = check(&format!("{GOOD}\n[store]\nflush_interval = {bad}\n")).unwrap_err();
+            assert_eq!(e.problems[0].key, "store.flush_interval", "{bad}: {e}");
+        }
+    }
 }
