@@ -65,8 +65,11 @@ pub struct Uplink {
 /// `[store]`.
 #[derive(Debug, Clone)]
 pub struct Store {
-    /// Outbox budget in bytes.
+    /// Outbox budget in logical bytes (see `store.rs`, "Disk budget").
     pub max_bytes: u64,
+    /// The longest an access or routine event waits for its flush and sync (the power-cut
+    /// loss window of those lanes); fire and fault events never wait.
+    pub flush_interval: Duration,
 }
 
 /// The serial parity and the transport of a bus are the field layer's own types: the config
@@ -400,6 +403,8 @@ fn default_topic_prefix() -> String {
 struct RawStore {
     /// Outbox budget with a unit, default `256MiB`.
     max_bytes: Option<String>,
+    /// Group-commit delay of access and routine events, default `200ms`, 1ms..=10s.
+    flush_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -709,7 +714,8 @@ impl Config {
                 key_file: None,
             },
             store: Store {
-                max_bytes: 256 << 20,
+                max_bytes: crate::store::DEFAULT_MAX_BYTES,
+                flush_interval: crate::store::DEFAULT_FLUSH_INTERVAL,
             },
             buses,
             detectors,
@@ -1086,7 +1092,18 @@ impl Validator {
         };
         self.gpio_conflicts(&sounders, &panel);
 
-        let store = Store { max_bytes };
+        let flush_interval = self.duration(
+            "store.flush_interval",
+            raw.store.flush_interval.as_deref(),
+            crate::store::DEFAULT_FLUSH_INTERVAL,
+        );
+        if flush_interval < Duration::from_millis(1) || flush_interval > Duration::from_secs(10) {
+            self.problem("store.flush_interval", "must be between 1ms and 10s");
+        }
+        let store = Store {
+            max_bytes,
+            flush_interval,
+        };
         let config = Config {
             gateway,
             uplink,
@@ -1750,5 +1767,19 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
         let text = include_str!("../config/gateway.example.toml");
         let c = check(text).unwrap();
         assert!(!c.detectors.is_empty());
+    }
+
+    #[test]
+    fn store_flush_interval_defaults_to_200ms_and_is_refused_outside_1ms_to_10s() {
+        assert_eq!(
+            check(GOOD).unwrap().store.flush_interval,
+            Duration::from_millis(200)
+        );
+        let ok = check(&format!("{GOOD}\n[store]\nflush_interval = \"50ms\"\n")).unwrap();
+        assert_eq!(ok.store.flush_interval, Duration::from_millis(50));
+        for bad in ["\"20s\"", "\"0ms\"", "\"200\""] {
+            let e = check(&format!("{GOOD}\n[store]\nflush_interval = {bad}\n")).unwrap_err();
+            assert_eq!(e.problems[0].key, "store.flush_interval", "{bad}: {e}");
+        }
     }
 }

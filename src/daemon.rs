@@ -13,7 +13,7 @@
 //! store writer drains what the engine handed it, then flushes; the uplink stops.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -37,7 +37,7 @@ pub const SILENCE_KEY: &str = "silence_key";
 /// The [`PolledInput::name`] of the panel's reset key.
 pub const RESET_KEY: &str = "reset_key";
 use crate::outputs::{self, GpioOutput};
-use crate::store::Store;
+use crate::store::{self, Store};
 use crate::uplink::{self, CommandRequest, UplinkSettings, UplinkTap};
 
 /// What the daemon did, for the demo's printout and the tests. Sent only when asked for.
@@ -53,7 +53,7 @@ pub enum Tap {
     Field(FieldReport),
     /// The engine raised an event (before it is stored).
     Raised(Event),
-    /// The store accepted an event and numbered it.
+    /// The store numbered an event and it is on disk (the durable point).
     Stored { seq: Seq, kind: EventKind },
     /// The uplink's news (connected, acknowledged, commands).
     Uplink(UplinkTap),
@@ -76,7 +76,11 @@ pub async fn run(
             config.gateway.state_dir.display()
         )
     })?;
-    let store = Store::open(&config.gateway.state_dir.join("outbox")).with_context(|| {
+    let store = Store::open_with(
+        &config.gateway.state_dir.join("outbox"),
+        store_settings(&config),
+    )
+    .with_context(|| {
         format!(
             "cannot open the outbox in {}",
             config.gateway.state_dir.display()
@@ -238,15 +242,26 @@ pub async fn run(
     // The store writer: a thread of its own, so an fsync never delays the engine loop.
     let wake_uplink = Arc::new(Notify::new());
     let (event_tx, event_rx) = mpsc::unbounded_channel::<ToStore>();
+    let not_durable = Arc::new(Mutex::new(Vec::new()));
     let writer = {
         let store = store.clone();
         let wake = wake_uplink.clone();
         let tap = tap.clone();
+        let not_durable = not_durable.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || store_writer(&store, event_rx, &wake, tap.as_ref()))
+            .spawn(move || store_writer(&store, event_rx, &wake, tap.as_ref(), &not_durable))
             .context("cannot start the store writer thread")?
     };
+    // Access and routine events become durable in the store's flusher thread: only then may
+    // the uplink send them (it reads only durable events) and the tap report them stored.
+    tracker.spawn(announce_durable(
+        store.clone(),
+        wake_uplink.clone(),
+        tap.clone(),
+        not_durable,
+        shutdown.clone(),
+    ));
 
     let (status_tx, status_rx) = watch::channel(Status {
         online: true,
@@ -483,19 +498,25 @@ impl Actuator {
                 }
             }
         }
-        // The latched state goes to the store before the events: once an event counts as
-        // stored, the alarm it reports survives a restart too.
+        // The latched state and the events of the step go to the store together, the state
+        // written last: a restart never restores an alarm whose fire.alarm was lost (one whose
+        // state record was lost latches again on its detector's first poll).
         let latched = engine.latched_state();
-        if latched != self.saved {
+        let latched = (latched != self.saved).then(|| {
             self.saved = latched.clone();
-            let _ = self.events.send(ToStore::Latched(latched));
-        }
-        for event in step.events {
-            log_event(&event);
+            latched
+        });
+        for event in &step.events {
+            log_event(event);
             self.tap(|| Tap::Raised(event.clone()));
+        }
+        if latched.is_some() || !step.events.is_empty() {
             // Unbounded on purpose: the engine must never wait for the disk; events are rare
             // (state changes only), so the queue stays small.
-            let _ = self.events.send(ToStore::Event(event));
+            let _ = self.events.send(ToStore::Step {
+                latched,
+                events: step.events,
+            });
         }
 
         self.status.send_if_modified(|s| {
@@ -718,12 +739,14 @@ fn log_event(e: &Event) {
     }
 }
 
-/// What the engine loop hands to the store writer, in order.
+/// What the engine loop hands to the store writer, in order: one engine step's events and,
+/// if they changed, the latched alarms to keep for a restart (`Store::append_step`).
 #[derive(Debug)]
 enum ToStore {
-    Event(Event),
-    /// The latched alarms changed: keep them for a restart.
-    Latched(Latched),
+    Step {
+        latched: Option<Latched>,
+        events: Vec<Event>,
+    },
 }
 
 /// The key of the latched alarms among the store's state records.
@@ -757,41 +780,97 @@ fn restore_latched(store: &Store, engine: &mut FireEngine) -> Vec<crate::event::
     }
 }
 
-/// Appends every event the engine raised, in order, then wakes the uplink, and keeps the
-/// latched alarms. Ends when the engine loop has dropped its sender and the queue is drained.
+/// The store settings of a config (`[store]`).
+pub fn store_settings(config: &Config) -> store::Settings {
+    store::Settings {
+        max_bytes: config.store.max_bytes,
+        flush_interval: config.store.flush_interval,
+    }
+}
+
+/// Events numbered by the store but not yet durable, for [`Tap::Stored`]; filled only when
+/// there is a tap. The lock is held only to push or drain (no I/O under it).
+type NotDurable = Mutex<Vec<(Seq, EventKind)>>;
+
+/// Appends every event the engine raised, in order, and keeps the latched alarms. A durable
+/// (urgent) event wakes the uplink at once; the others are announced by [`announce_durable`].
+/// Ends when the engine loop has dropped its sender and the queue is drained.
 fn store_writer(
     store: &Store,
     mut queue: mpsc::UnboundedReceiver<ToStore>,
     wake: &Notify,
     tap: Option<&broadcast::Sender<Tap>>,
+    not_durable: &NotDurable,
 ) {
-    while let Some(item) = queue.blocking_recv() {
-        let event = match item {
-            ToStore::Event(event) => event,
-            ToStore::Latched(latched) => {
-                let saved = serde_json::to_vec(&latched)
-                    .map_err(|e| e.to_string())
-                    .and_then(|bytes| {
-                        store
-                            .save_state(LATCHED_KEY, &bytes)
-                            .map_err(|e| e.to_string())
-                    });
-                if let Err(e) = saved {
-                    error!(error = %e, "Latched alarms could not be saved; a restart would forget them.");
-                }
+    while let Some(ToStore::Step { latched, events }) = queue.blocking_recv() {
+        let state = match latched.as_ref().map(serde_json::to_vec).transpose() {
+            Ok(state) => state,
+            Err(e) => {
+                error!(error = %e, "Latched alarms could not be encoded; a restart would forget them.");
+                None
+            }
+        };
+        let step = match store.append_step(&events, state.as_deref().map(|v| (LATCHED_KEY, v))) {
+            Ok(step) => step,
+            Err(e) => {
+                // The events are lost to upstream; the local alarm has already been acted on.
+                let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+                error!(events = ?kinds, latched = state.is_some(), error = %e, "Events could not be stored.");
                 continue;
             }
         };
-        let kind = event.kind;
-        match store.append(&event) {
-            Ok(seq) => {
-                if let Some(tap) = tap {
+        // The store logged an eviction itself; its report is one more stored event.
+        let report = step
+            .eviction
+            .as_ref()
+            .map(|e| (e.report_seq, EventKind::OutboxEvicted));
+        let stored = step
+            .seqs
+            .iter()
+            .copied()
+            .zip(events.iter().map(|e| e.kind))
+            .chain(report);
+        if let Some(tap) = tap {
+            let mut held = not_durable.lock().unwrap_or_else(PoisonError::into_inner);
+            for (seq, kind) in stored {
+                if store.is_durable(seq) {
+                    let _ = tap.send(Tap::Stored { seq, kind });
+                } else {
+                    held.push((seq, kind));
+                }
+            }
+        }
+        if step.seqs.last().is_some_and(|s| store.is_durable(*s)) {
+            wake.notify_one();
+        }
+    }
+}
+
+/// Wakes the uplink whenever the store's durable watermark rises, and reports the events
+/// that became durable to the tap.
+async fn announce_durable(
+    store: Store,
+    wake: Arc<Notify>,
+    tap: Option<broadcast::Sender<Tap>>,
+    not_durable: Arc<NotDurable>,
+    shutdown: CancellationToken,
+) {
+    let mut durable = store.durable();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = durable.changed() => if changed.is_err() { return },
+        }
+        wake.notify_one();
+        if let Some(tap) = &tap {
+            let mut held = not_durable.lock().unwrap_or_else(PoisonError::into_inner);
+            held.retain(|&(seq, kind)| {
+                let stored = store.is_durable(seq);
+                if stored {
                     let _ = tap.send(Tap::Stored { seq, kind });
                 }
-                wake.notify_one();
-            }
-            // The event is lost to upstream; the local alarm has already been acted on.
-            Err(e) => error!(event = %kind, error = %e, "Event could not be stored."),
+                !stored
+            });
         }
     }
 }

@@ -220,14 +220,16 @@ impl EventKind {
             | EventKind::DeviceDisabled
             | EventKind::DeviceEnabled
             | EventKind::DeviceTest
-            | EventKind::DeviceTestEnded => Lane::Urgent,
+            | EventKind::DeviceTestEnded
+            // Reports lost data; lane 0 is never evicted (store.rs, "Disk budget").
+            | EventKind::OutboxEvicted => Lane::Urgent,
             EventKind::AccessGranted
             | EventKind::AccessDenied
             | EventKind::AccessFlagged
             | EventKind::DoorForced
             | EventKind::DoorHeld
             | EventKind::DoorReleased => Lane::Access,
-            EventKind::GatewayStarted | EventKind::OutboxEvicted => Lane::Routine,
+            EventKind::GatewayStarted => Lane::Routine,
         }
     }
 }

@@ -12,6 +12,7 @@ use village_gateway::config::{Config, EXIT_BAD_CONFIG};
 use village_gateway::event::UnitId;
 use village_gateway::field::commission;
 use village_gateway::sim::{SimProfile, Simulator};
+use village_gateway::store::{self, Store};
 use village_gateway::{daemon, demo};
 
 #[derive(Debug, Parser)]
@@ -57,6 +58,12 @@ enum Command {
         /// Also serve Modbus TCP on this address (host:port).
         #[arg(long)]
         tcp: Option<String>,
+    },
+    /// Show the outbox: depth and bytes per lane, oldest pending event, last acknowledged seq.
+    /// sled allows one process: stop the daemon first (its retained status has depth and age).
+    Outbox {
+        #[arg(long, short, default_value = "/etc/village-gateway/gateway.toml")]
+        config: PathBuf,
     },
     /// Watch the gateway guard a simulated village: smoke, silence, reset, a detector going dead.
     Demo {
@@ -159,6 +166,16 @@ fn main() -> ExitCode {
                 exit_code(EXIT_BAD_CONFIG)
             }
         },
+        Command::Outbox { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return exit_code(EXIT_BAD_CONFIG);
+                }
+            };
+            outbox(&config)
+        }
         Command::Run { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -256,6 +273,44 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// `outbox`: opens the store read-only in spirit (never creates, never moves aside, never
+/// evicts) and prints its figures.
+fn outbox(config: &Config) -> ExitCode {
+    let dir = config.gateway.state_dir.join("outbox");
+    let settings = daemon::store_settings(config);
+    let store = match Store::open_existing(&dir, settings) {
+        Ok(s) => s,
+        Err(e @ store::Error::Locked { .. }) => {
+            eprintln!("{e}");
+            eprintln!("Stop it first (systemctl stop village-gateway), or read outbox_depth and oldest_pending_age_s from its retained status topic.");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match store.stats() {
+        Ok(stats) => {
+            println!("outbox {}", dir.display());
+            print!(
+                "{}",
+                store::render_stats(
+                    &stats,
+                    settings.max_bytes,
+                    store.quarantined(),
+                    std::time::SystemTime::now()
+                )
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cannot read the outbox {}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
     }
 }
 

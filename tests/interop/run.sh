@@ -2,6 +2,7 @@
 # Interop tests: the release binary against third-party peers.
 #   test_rtu_pymodbus.py  pymodbus RTU slave on a socat pty pair (sounder coil, fire.alarm)
 #   test_mosquitto.py     mosquitto: status, events, commands, broker outage, SIGTERM, will
+#   test_crash_mosquitto.py  tests/crash.rs against mosquitto with 30 SIGKILLs (needs cargo)
 # Needs: target/release/village-gateway (or VGW_BIN), .venv with pymodbus + paho-mqtt (or PYTHON),
 # socat, mosquitto. By hand: bash tests/interop/run.sh [test_name.py ...]
 # Prints "interop: N passed, M failed" last; exits non-zero if anything failed.
@@ -54,6 +55,7 @@ trap 'exit 130' INT TERM HUP
 
 tests=("$@")
 [ ${#tests[@]} -gt 0 ] || tests=(test_rtu_pymodbus.py test_mosquitto.py)
+[ "$#" -gt 0 ] || tests+=(test_crash_mosquitto.py)
 
 "$VGW_BIN" --version || true
 passed=0
