@@ -20,8 +20,13 @@ use crate::event::EventKind;
 
 /// Largest MQTT packet we send or accept: 256 KiB (a card-list command can be large).
 const MAX_PACKET_BYTES: usize = 256 * 1024;
-/// rumqttc's own in-flight limit; above our event window (32) plus status and results.
-const CLIENT_INFLIGHT: u16 = 100;
+/// rumqttc's own in-flight limit: our event window plus room for status and command results.
+/// rumqttc numbers publishes 1..=this in turn, so a larger cycle than what we keep in flight
+/// means a packet id comes round again only after its PUBACK (no collision while the broker
+/// acknowledges in order).
+#[allow(clippy::cast_possible_truncation)] // checked by the assertion below
+const CLIENT_INFLIGHT: u16 = (super::EVENT_WINDOW + 64) as u16;
+const _: () = assert!(super::EVENT_WINDOW + 64 <= u16::MAX as usize);
 /// The will's payload (DESIGN.md §3).
 pub(crate) const OFFLINE_PAYLOAD: &str = r#"{"online":false}"#;
 

@@ -323,3 +323,138 @@ fn command_results_follow_the_contract_shape() {
         serde_json::json!({ "id": null, "ok": false, "error": "bad" })
     );
 }
+
+/// A TCP gate in front of the broker: while closed it accepts and at once closes every
+/// connection (the broker looks down); while open it forwards both ways. Counts attempts.
+struct Gate {
+    port: u16,
+    open: watch::Sender<bool>,
+    attempts: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Gate {
+    async fn closed_in_front_of(broker_port: u16) -> Gate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (open, open_rx) = watch::channel(false);
+        let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = attempts.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if !*open_rx.borrow() {
+                    drop(client);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+        Gate {
+            port,
+            open,
+            attempts,
+        }
+    }
+
+    fn attempts(&self) -> usize {
+        self.attempts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Polls `cond` every millisecond until it holds; the test deadline bounds the wait.
+async fn until(mut cond: impl FnMut() -> bool) {
+    while !cond() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_the_backlog_drains_lane_by_lane_in_seq_order_and_a_new_fire_jumps_the_queue(
+) {
+    // The outage is compressed: thousands of events are appended in a second, the broker stays
+    // unreachable through several failed connection attempts with backoff, then comes back.
+    const URGENT: u64 = 300;
+    const ACCESS: u64 = 5_000;
+    const ROUTINE: u64 = 200;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let broker = broker::start(0).unwrap();
+        let (_client, mut upstream) =
+            subscriber(broker.port(), "upstream", &["village/yian/event/#"]).await;
+        let gate = Gate::closed_in_front_of(broker.port()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let up = spawn_uplink(settings(gate.port), store.clone());
+
+        // The backlog, interleaved as a village produces it: lanes 1, 2 and 0 mixed.
+        let mut lanes: [Vec<u64>; 3] = Default::default();
+        let total = URGENT + ACCESS + ROUTINE;
+        for i in 0..total {
+            let kind = if i % (total / URGENT) == 0 && lanes[0].len() < URGENT as usize {
+                EventKind::DeviceOffline
+            } else if i % (total / ROUTINE) == 1 && lanes[2].len() < ROUTINE as usize {
+                EventKind::GatewayStarted
+            } else {
+                EventKind::AccessGranted
+            };
+            let seq = store.append(&event(kind, i)).unwrap();
+            lanes[kind.lane() as usize].push(seq.0);
+            up.wake.notify_one();
+        }
+        let total = lanes.iter().map(Vec::len).sum::<usize>();
+        assert!(lanes[0].len() > 100 && lanes[2].len() > 100);
+        until(|| gate.attempts() >= 4).await;
+        assert_eq!(store.stats().unwrap().depth, total as u64, "nothing left during the outage");
+
+        // The broker is back.
+        gate.open.send(true).unwrap();
+        // Once the urgent backlog and some access events are acknowledged, a fire is raised.
+        until(|| store.stats().unwrap().depth <= (total - lanes[0].len() - 500) as u64).await;
+        let fire = store.append(&event(EventKind::FireAlarm, 999_999)).unwrap();
+        up.wake.notify_one();
+        let acked_at_fire = total + 1 - usize::try_from(store.stats().unwrap().depth).unwrap();
+
+        let mut received: Vec<u64> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < total + 1 {
+            let p = upstream.recv().await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+            let seq = v["seq"].as_u64().unwrap();
+            assert!(p.topic.ends_with(v["type"].as_str().unwrap()));
+            // Duplicates are allowed upstream (after a reconnect); the first copy counts.
+            if seen.insert(seq) {
+                received.push(seq);
+            }
+        }
+
+        // The fire went out ahead of every backlog event not yet handed to the client when it
+        // was stored: those acknowledged by then plus at most one window in flight (+2 for the
+        // PUBACK being handled when the wake came).
+        let fire_at = received.iter().position(|s| *s == fire.0).unwrap();
+        assert!(
+            fire_at <= acked_at_fire + EVENT_WINDOW + 2,
+            "the fire came after {fire_at} events; {acked_at_fire} were acknowledged when it was stored"
+        );
+        assert!(
+            received.len() - fire_at > 1000,
+            "the backlog was still draining when the fire went out"
+        );
+        // Without the fire: lane 0, then 1, then 2, each in seq order.
+        let backlog: Vec<u64> = received.into_iter().filter(|s| *s != fire.0).collect();
+        let want: Vec<u64> = lanes.concat();
+        assert_eq!(backlog.len(), want.len());
+        assert!(backlog == want, "backlog order differs from lane-then-seq order");
+        until(|| store.stats().unwrap().depth == 0).await;
+
+        up.shutdown.cancel();
+        up.task.await.unwrap();
+    })
+    .await
+    .unwrap();
+}
