@@ -91,6 +91,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(500);
 /// Status publishes at most this often.
 const STATUS_MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest command payload handled: 1 MiB, several times a `cards.sync` for 1000 rooms
+/// (~150 KB). A larger one gets an error result (logged and counted), not a reconnect.
+pub const MAX_COMMAND_BYTES: usize = 1024 * 1024;
 /// How long the daemon has to answer a command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// TCP + TLS + CONNACK must complete within this (rumqttc's network timeout, seconds).
@@ -223,6 +226,7 @@ pub async fn run(
         remover,
         removed,
         removing: HashMap::new(),
+        oversize_commands: 0,
     };
     let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
     let mut failures = 0u32;
@@ -301,6 +305,8 @@ struct Uplink {
     /// Acknowledged events the remover has not yet taken out of the store: never published
     /// again, on any connection.
     removing: HashMap<Seq, EventKind>,
+    /// Commands refused for their size since start (logged with each refusal).
+    oversize_commands: u64,
 }
 
 /// State of one connection.
@@ -671,6 +677,32 @@ impl Uplink {
             tracing::debug!(topic, "Ignored a message outside the command topics.");
             return;
         };
+        if payload.len() > MAX_COMMAND_BYTES {
+            self.oversize_commands += 1;
+            // Only the id, if it is there: the rest is skipped without being built.
+            #[derive(serde::Deserialize)]
+            struct IdOnly {
+                id: String,
+            }
+            let id = serde_json::from_slice::<IdOnly>(payload).ok().map(|c| c.id);
+            let error = format!(
+                "the command payload is {} bytes, over the limit of {MAX_COMMAND_BYTES} bytes",
+                payload.len()
+            );
+            tracing::warn!(command = name, id = ?id, bytes = payload.len(), oversize_commands = self.oversize_commands, "Refused an oversize command.");
+            self.tap(UplinkTap::CommandReceived {
+                name: name.to_owned(),
+                id: id.clone(),
+                error: Some(error.clone()),
+            });
+            self.unsent_results.push_back(CommandResult {
+                id,
+                outcome: Err(error),
+                refresh_status: false,
+            });
+            self.publish_results(link);
+            return;
+        }
         match Command::parse(name, payload) {
             Ok(command) => {
                 tracing::info!(command = name, id = %command.id, "Command received.");

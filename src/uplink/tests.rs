@@ -459,3 +459,75 @@ async fn after_an_outage_the_backlog_drains_lane_by_lane_in_seq_order_and_a_new_
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_and_oversize_commands_get_results_without_dropping_the_connection() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let broker = broker::start(0).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_observer, mut upstream) =
+            subscriber(broker.port(), "upstream", &["village/yian/cmd-result"]).await;
+        // A client allowed to send big packets (rumqttc's default limit is 10 KiB).
+        let mut opts = MqttOptions::new("commander", "127.0.0.1", broker.port());
+        opts.set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(4 << 20, 4 << 20);
+        let (commander, mut commander_loop) = AsyncClient::new(opts, 16);
+        tokio::spawn(async move { while commander_loop.poll().await.is_ok() {} });
+        let mut up = spawn_uplink(settings(broker.port()), store);
+        wait_for_tap(&mut up.tap, |t| *t == UplinkTap::Connected).await;
+
+        // A card list for 1000 rooms: about 150 KB.
+        let cards: Vec<serde_json::Value> = (0..1000)
+            .map(|i| {
+                serde_json::json!({"card": format!("{}", 100_000 + i), "person": format!("p-{i:05x}"),
+                    "doors": [format!("A-{i}"), "A-gate"], "valid_until": "2027-06-30T00:00:00Z",
+                    "flags": ["flagged"], "note": "x".repeat(40)})
+            })
+            .collect();
+        let sync = serde_json::json!({"id": "big", "version": 7, "cards": cards}).to_string();
+        assert!(sync.len() > 150_000, "{} bytes", sync.len());
+        commander
+            .publish("village/yian/cmd/cards.sync", QoS::AtLeastOnce, false, sync)
+            .await
+            .unwrap();
+        let result = next_on(&mut upstream, "village/yian/cmd-result").await;
+        assert_eq!(result["id"], "big");
+        // (The daemon does not handle cards yet: the command is refused as unknown, not lost.)
+        assert_eq!(result["ok"], false);
+
+        // Over the command limit: refused with the id echoed, the connection stays.
+        let huge = serde_json::json!({"id": "huge", "cards": "y".repeat(MAX_COMMAND_BYTES)});
+        commander
+            .publish("village/yian/cmd/cards.sync", QoS::AtLeastOnce, false, huge.to_string())
+            .await
+            .unwrap();
+        let result = next_on(&mut upstream, "village/yian/cmd-result").await;
+        assert_eq!(result["id"], "huge");
+        assert_eq!(result["ok"], false);
+        assert!(result["error"].as_str().unwrap().contains("over the limit"));
+
+        // Still the same connection: a command after them is answered, and no Disconnected
+        // (nor a second Connected) was tapped meanwhile.
+        commander
+            .publish("village/yian/cmd/status", QoS::AtLeastOnce, false, r#"{"id":"after"}"#)
+            .await
+            .unwrap();
+        let request = up.commands.recv().await.unwrap();
+        assert_eq!(request.command.id, "after");
+        request.reply.send(Ok(())).unwrap();
+        let result = next_on(&mut upstream, "village/yian/cmd-result").await;
+        assert_eq!(result, serde_json::json!({ "id": "after", "ok": true }));
+        while let Ok(t) = up.tap.try_recv() {
+            assert!(
+                !matches!(t, UplinkTap::Disconnected { .. } | UplinkTap::Connected),
+                "the connection was dropped: {t:?}"
+            );
+        }
+
+        up.shutdown.cancel();
+        up.task.await.unwrap();
+    })
+    .await
+    .unwrap();
+}
