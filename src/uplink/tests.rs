@@ -325,11 +325,40 @@ fn command_results_follow_the_contract_shape() {
 }
 
 /// A TCP gate in front of the broker: while closed it accepts and at once closes every
-/// connection (the broker looks down); while open it forwards both ways. Counts attempts.
+/// connection (the broker looks down); while open it forwards both ways, except while frozen:
+/// then it forwards nothing but keeps the connections open (a half-open link). Counts attempts.
 struct Gate {
     port: u16,
     open: watch::Sender<bool>,
+    frozen: watch::Sender<bool>,
     attempts: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Copies `from` to `to` while `frozen` is false; ends at EOF or an error.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                // Not even the close crosses a frozen link (dropping `to` sends a FIN).
+                let _ = frozen.wait_for(|f| !*f).await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        // Bytes read just before a freeze are held until it ends, like the rest.
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Gate {
@@ -337,28 +366,33 @@ impl Gate {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (open, open_rx) = watch::channel(false);
+        let (frozen, frozen_rx) = watch::channel(false);
         let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = attempts.clone();
         tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if !*open_rx.borrow() {
                     drop(client);
                     continue;
                 }
+                let frozen = frozen_rx.clone();
                 tokio::spawn(async move {
-                    let Ok(mut server) =
+                    let Ok(server) =
                         tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await
                     else {
                         return;
                     };
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::join!(pump(cr, sw, frozen.clone()), pump(sr, cw, frozen));
                 });
             }
         });
         Gate {
             port,
             open,
+            frozen,
             attempts,
         }
     }
@@ -524,6 +558,51 @@ async fn big_and_oversize_commands_get_results_without_dropping_the_connection()
                 "the connection was dropped: {t:?}"
             );
         }
+
+        up.shutdown.cancel();
+        up.task.await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_gone_silent_is_dropped_by_keep_alive_and_the_uplink_reconnects() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let broker = broker::start(0).unwrap();
+        let gate = Gate::closed_in_front_of(broker.port()).await;
+        gate.open.send(true).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut s = settings(gate.port);
+        s.keep_alive = Duration::from_secs(1);
+        let mut up = spawn_uplink(s, store.clone());
+        wait_for_tap(&mut up.tap, |t| *t == UplinkTap::Connected).await;
+
+        // The link goes silent without closing (a 4G router that lost its carrier): no FIN, no
+        // RST, nothing. Only the missing PINGRESP can tell.
+        gate.frozen.send(true).unwrap();
+        let reason = loop {
+            if let UplinkTap::Disconnected { reason } = up.tap.recv().await.unwrap() {
+                break reason;
+            }
+        };
+        // rumqttc: "Mqtt state: Last pingreq isn't acked" (StateError::AwaitPingResp).
+        assert!(
+            reason.contains("pingreq"),
+            "dropped for another reason: {reason}"
+        );
+
+        // The link comes back: a new connection, and events flow again.
+        gate.frozen.send(false).unwrap();
+        wait_for_tap(&mut up.tap, |t| *t == UplinkTap::Connected).await;
+        let seq = store.append(&event(EventKind::FireAlarm, 1)).unwrap();
+        up.wake.notify_one();
+        wait_for_tap(
+            &mut up.tap,
+            |t| matches!(t, UplinkTap::Acked { seq: s, .. } if *s == seq),
+        )
+        .await;
 
         up.shutdown.cancel();
         up.task.await.unwrap();
