@@ -599,9 +599,14 @@ impl Uplink {
     }
 
     fn publish_event(&self, link: &mut Link, seq: Seq, event: &Event) -> bool {
-        let envelope =
-            event.to_cloudevent(seq, &self.settings.gateway_id, &self.settings.topic_prefix);
-        let payload = envelope.to_string().into_bytes();
+        let payload = match envelope(event, seq, &self.settings) {
+            Ok(p) => p,
+            Err(e) => {
+                // Not expected (plain data); the event stays in the store.
+                tracing::error!(seq = seq.0, error = %e, "Cannot encode an event.");
+                return false;
+            }
+        };
         match link.client.try_publish(
             self.topics.event(event.kind),
             QoS::AtLeastOnce,
@@ -796,6 +801,35 @@ impl Uplink {
         }
         tracing::info!("Uplink closed.");
     }
+}
+
+/// The CloudEvents envelope of [`Event::to_cloudevent`] (the contract, DESIGN §3), serialized
+/// straight to bytes: building the `serde_json::Value` first cost about a quarter of the
+/// uplink's CPU per event during a drain. Equal as JSON to `to_cloudevent` (tested); the key
+/// order may differ, which JSON does not care about.
+fn envelope(event: &Event, seq: Seq, settings: &UplinkSettings) -> serde_json::Result<Vec<u8>> {
+    #[derive(serde::Serialize)]
+    struct Envelope<'a> {
+        specversion: &'static str,
+        id: String,
+        source: String,
+        #[serde(rename = "type")]
+        kind: &'static str,
+        time: String,
+        datacontenttype: &'static str,
+        seq: u64,
+        data: &'a crate::event::EventData,
+    }
+    serde_json::to_vec(&Envelope {
+        specversion: "1.0",
+        id: format!("{}-{}", settings.gateway_id, seq.0),
+        source: format!("/{}/{}", settings.topic_prefix, settings.gateway_id),
+        kind: event.kind.as_str(),
+        time: humantime::format_rfc3339_millis(event.time).to_string(),
+        datacontenttype: "application/json",
+        seq: seq.0,
+        data: &event.data,
+    })
 }
 
 /// A thread that removes acknowledged events from the store, so the connection loop never

@@ -610,3 +610,34 @@ async fn a_link_gone_silent_is_dropped_by_keep_alive_and_the_uplink_reconnects()
     .await
     .unwrap();
 }
+
+#[test]
+fn the_envelope_published_is_the_cloudevent_of_the_contract() {
+    let mut data = EventData {
+        device: Some(crate::event::DeviceId("A-101".into())),
+        zone: Some("A".into()),
+        location: Some("A栋101室 \"east\"".into()),
+        reason: Some("smoke".into()),
+        ..EventData::default()
+    };
+    data.extra.insert("card".into(), serde_json::json!("1001"));
+    data.extra
+        .insert("counts".into(), serde_json::json!({"lane2": 3}));
+    for (kind, data) in [
+        (EventKind::FireAlarm, data),
+        (EventKind::GatewayStarted, EventData::default()),
+    ] {
+        let e = Event::new(
+            kind,
+            UNIX_EPOCH + Duration::from_millis(1_764_000_000_123),
+            data,
+        );
+        let s = settings(1883);
+        let bytes = envelope(&e, Seq(42), &s).unwrap();
+        let got: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            got,
+            e.to_cloudevent(Seq(42), &s.gateway_id, &s.topic_prefix)
+        );
+    }
+}
