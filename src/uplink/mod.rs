@@ -494,7 +494,12 @@ impl Uplink {
             rumqttc::Event::Incoming(Packet::PubAck(ack)) => {
                 if let Some(Tag::Event { seq, kind }) = link.window.on_puback(ack.pkid) {
                     self.removing.insert(seq, kind);
-                    self.remover.remove(seq);
+                    if !self.remover.remove(seq) {
+                        // What the dead thread held will never be reported: forget it, or its
+                        // slots stay taken. Those events are still in the store (or gone), so
+                        // at worst they are sent again: duplicates, never a loss.
+                        self.removing.clear();
+                    }
                     self.refill_if_worth_it(link);
                 }
             }
@@ -884,13 +889,21 @@ impl Remover {
         (remover, removed)
     }
 
-    /// Removes `seq` from the store (soon, on the remover thread).
-    fn remove(&self, seq: Seq) {
-        let queued = self.tx.as_ref().is_some_and(|tx| tx.send(seq).is_ok());
-        if !queued {
-            remove_acknowledged(&self.store, seq);
-            let _ = self.done.send(vec![seq]);
+    /// Removes `seq` from the store (soon, on the remover thread). False if the thread turned
+    /// out to be gone: `seq` was removed inline, but what it had queued may never be reported.
+    fn remove(&mut self, seq: Seq) -> bool {
+        let mut thread_alive = true;
+        if let Some(tx) = &self.tx {
+            if tx.send(seq).is_ok() {
+                return true;
+            }
+            tracing::error!("The outbox remover thread stopped; removing inline.");
+            self.tx = None;
+            thread_alive = false;
         }
+        remove_acknowledged(&self.store, seq);
+        let _ = self.done.send(vec![seq]);
+        thread_alive
     }
 
     /// Waits until everything queued is removed, then stops the thread.
