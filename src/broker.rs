@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 
-/// Largest accepted publish payload: 256 KiB, far above an event (~0.5 KiB) or a card list batch.
-const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+/// Largest accepted packet: 4 MiB, like the uplink's incoming limit, so a `cards.sync` (~150 KB
+/// for 1000 rooms) passes and the uplink's own refusal of oversize commands can be exercised.
+const MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
 /// How long a broker may take to answer its first CONNECT before [`start`] gives up.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -18,10 +18,20 @@ use rumqttc::{LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 use super::{Error, UplinkSettings};
 use crate::event::EventKind;
 
-/// Largest MQTT packet we send or accept: 256 KiB (a card-list command can be large).
-const MAX_PACKET_BYTES: usize = 256 * 1024;
-/// rumqttc's own in-flight limit; above our event window (32) plus status and results.
-const CLIENT_INFLIGHT: u16 = 100;
+/// Largest MQTT packet we send: 256 KiB (an event or a status is about 0.5 KiB).
+const MAX_OUTGOING_PACKET_BYTES: usize = 256 * 1024;
+/// Largest MQTT packet we accept: 4 MiB. rumqttc's default (10 KiB) is below a `cards.sync`
+/// for 1000 rooms (~150 KB), and rumqttc ends the connection on a larger packet instead of
+/// skipping it; commands above [`super::MAX_COMMAND_BYTES`] (1 MiB) are refused with an error
+/// result, so only a packet over 4 MiB on our command topics still costs a reconnect.
+pub(crate) const MAX_INCOMING_PACKET_BYTES: usize = 4 * 1024 * 1024;
+/// rumqttc's own in-flight limit: our event window plus room for status and command results.
+/// rumqttc numbers publishes 1..=this in turn, so a larger cycle than what we keep in flight
+/// means a packet id comes round again only after its PUBACK (no collision while the broker
+/// acknowledges in order).
+#[allow(clippy::cast_possible_truncation)] // checked by the assertion below
+const CLIENT_INFLIGHT: u16 = (super::EVENT_WINDOW + 64) as u16;
+const _: () = assert!(super::EVENT_WINDOW + 64 <= u16::MAX as usize);
 /// The will's payload (DESIGN.md §3).
 pub(crate) const OFFLINE_PAYLOAD: &str = r#"{"online":false}"#;
 
@@ -172,7 +182,7 @@ pub(crate) fn mqtt_options(
         // Clean session: rumqttc drops in-flight publishes on reconnect anyway; the store resends.
         .set_clean_session(true)
         .set_inflight(CLIENT_INFLIGHT)
-        .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
+        .set_max_packet_size(MAX_INCOMING_PACKET_BYTES, MAX_OUTGOING_PACKET_BYTES)
         .set_last_will(LastWill::new(
             topics.status(),
             OFFLINE_PAYLOAD,

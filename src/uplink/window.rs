@@ -19,10 +19,10 @@
 //! - any mismatch ([`Desync`]) means our picture of the client is wrong: the caller drops the
 //!   connection and resends from the store, which is always safe (duplicates are fine upstream).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::event::{EventKind, Seq};
+use crate::event::{EventKind, Lane, Seq};
 
 /// What a publish carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +52,10 @@ pub(crate) struct AckWindow {
     held: Option<(u16, Tag, Instant)>,
     /// On the wire, waiting for the PUBACK of this pkid.
     sent: HashMap<u16, (Tag, Instant)>,
-    /// Seqs of all events in the window.
-    seqs: HashSet<Seq>,
+    /// Seqs of all events in the window, with their lanes.
+    seqs: HashMap<Seq, Lane>,
+    /// Events in the window per lane (index: `Lane as usize`).
+    per_lane: [usize; 3],
 }
 
 impl AckWindow {
@@ -64,7 +66,8 @@ impl AckWindow {
             queued: VecDeque::new(),
             held: None,
             sent: HashMap::new(),
-            seqs: HashSet::new(),
+            seqs: HashMap::new(),
+            per_lane: [0; 3],
         }
     }
 
@@ -80,15 +83,30 @@ impl AckWindow {
 
     /// Whether `seq` is already in the window (do not publish it again on this connection).
     pub(crate) fn contains(&self, seq: Seq) -> bool {
-        self.seqs.contains(&seq)
+        self.seqs.contains_key(&seq)
+    }
+
+    /// Events in the window whose lane drains before `lane` (lane 0 before 1 before 2).
+    pub(crate) fn events_in_lanes_before(&self, lane: Lane) -> usize {
+        self.per_lane[..lane as usize].iter().sum()
     }
 
     /// A publish was handed to the client (`try_publish` returned `Ok`) at `now`.
     pub(crate) fn queued(&mut self, tag: Tag, now: Instant) {
-        if let Tag::Event { seq, .. } = tag {
-            self.seqs.insert(seq);
+        if let Tag::Event { seq, kind } = tag {
+            let lane = kind.lane();
+            if self.seqs.insert(seq, lane).is_none() {
+                self.per_lane[lane as usize] += 1;
+            }
         }
         self.queued.push_back((tag, now));
+    }
+
+    /// Forgets event `seq` (its PUBACK came, or none will).
+    fn forget(&mut self, seq: Seq) {
+        if let Some(lane) = self.seqs.remove(&seq) {
+            self.per_lane[lane as usize] -= 1;
+        }
     }
 
     /// `Outgoing::Publish(pkid)`: the oldest queued publish (or the held one) went out.
@@ -103,7 +121,7 @@ impl AckWindow {
         if pkid == 0 {
             // QoS 0: no PUBACK will come. We never send events at QoS 0; forget the tag.
             if let Tag::Event { seq, .. } = tag {
-                self.seqs.remove(&seq);
+                self.forget(seq);
             }
             return Ok(());
         }
@@ -124,7 +142,7 @@ impl AckWindow {
     pub(crate) fn on_puback(&mut self, pkid: u16) -> Option<Tag> {
         let (tag, _) = self.sent.remove(&pkid)?;
         if let Tag::Event { seq, .. } = tag {
-            self.seqs.remove(&seq);
+            self.forget(seq);
         }
         Some(tag)
     }
@@ -144,6 +162,8 @@ impl AckWindow {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     fn ev(seq: u64) -> Tag {
@@ -239,5 +259,144 @@ mod tests {
             w.oldest_wait(t0 + Duration::from_secs(10)),
             Some(Duration::from_secs(5))
         );
+    }
+
+    #[test]
+    fn lanes_before_count_only_events_of_earlier_lanes_in_the_window() {
+        let now = Instant::now();
+        let mut w = AckWindow::new(8);
+        let access = |seq| Tag::Event {
+            seq: Seq(seq),
+            kind: EventKind::AccessGranted,
+        };
+        w.queued(ev(1), now);
+        w.queued(access(2), now);
+        w.queued(access(3), now);
+        assert_eq!(w.events_in_lanes_before(Lane::Urgent), 0);
+        assert_eq!(w.events_in_lanes_before(Lane::Access), 1);
+        assert_eq!(w.events_in_lanes_before(Lane::Routine), 3);
+        w.on_publish_sent(1).unwrap();
+        assert_eq!(w.on_puback(1), Some(ev(1)));
+        assert_eq!(w.events_in_lanes_before(Lane::Access), 0);
+        assert_eq!(w.events_in_lanes_before(Lane::Routine), 2);
+    }
+
+    /// rumqttc 0.25.1's outgoing QoS 1 path (`state.rs`), reduced to what the window sees:
+    /// packet ids cycle 1..=`max_inflight`; a request is taken only while fewer than
+    /// `max_inflight` are unacked and no publish is held; a pkid still unacked is a collision
+    /// (`AwaitAck`, the publish is held and sent right after that pkid's PUBACK).
+    struct ModelClient {
+        max_inflight: u16,
+        last_pkid: u16,
+        requests: VecDeque<Tag>,
+        outgoing: HashMap<u16, Tag>,
+        collision: Option<(u16, Tag)>,
+    }
+
+    enum Seen {
+        Publish(u16),
+        AwaitAck(u16),
+        PubAck(u16, Tag),
+    }
+
+    impl ModelClient {
+        fn next_pkid(&mut self) -> u16 {
+            let next = self.last_pkid + 1;
+            self.last_pkid = if next == self.max_inflight { 0 } else { next };
+            next
+        }
+
+        /// The event loop takes the next request, if flow control lets it.
+        fn send_next(&mut self) -> Option<Seen> {
+            if self.outgoing.len() >= usize::from(self.max_inflight) || self.collision.is_some() {
+                return None;
+            }
+            let tag = self.requests.pop_front()?;
+            let pkid = self.next_pkid();
+            if self.outgoing.contains_key(&pkid) {
+                self.collision = Some((pkid, tag));
+                return Some(Seen::AwaitAck(pkid));
+            }
+            self.outgoing.insert(pkid, tag);
+            Some(Seen::Publish(pkid))
+        }
+
+        /// The broker acknowledges the `pick`-th unacked pkid (any order).
+        fn ack(&mut self, pick: usize) -> Vec<Seen> {
+            let mut pkids: Vec<u16> = self.outgoing.keys().copied().collect();
+            if pkids.is_empty() {
+                return Vec::new();
+            }
+            pkids.sort_unstable();
+            let pkid = pkids[pick % pkids.len()];
+            let tag = self.outgoing.remove(&pkid).unwrap();
+            let mut seen = vec![Seen::PubAck(pkid, tag)];
+            if self.collision.is_some_and(|(p, _)| p == pkid) {
+                let (p, held) = self.collision.take().unwrap();
+                self.outgoing.insert(p, held);
+                seen.push(Seen::Publish(p));
+            }
+            seen
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever order the broker acknowledges in, every PUBACK the window resolves names
+        /// the very publish that carried that packet id (checked against the model's own
+        /// record), and no event is lost from the window or resolved twice.
+        #[test]
+        fn every_puback_resolves_to_the_publish_that_carried_its_packet_id(
+            max_inflight in 2u16..12,
+            ops in proptest::collection::vec((0u8..3, 0usize..64), 1..400),
+        ) {
+            let now = Instant::now();
+            let mut w = AckWindow::new(usize::from(max_inflight));
+            let mut client = ModelClient {
+                max_inflight,
+                last_pkid: 0,
+                requests: VecDeque::new(),
+                outgoing: HashMap::new(),
+                collision: None,
+            };
+            let mut next_seq = 1u64;
+            let mut acked = HashSet::new();
+            for (op, pick) in ops {
+                let seen = match op {
+                    // The uplink hands a publish to the client: an event if a slot is free,
+                    // otherwise a status publish.
+                    0 => {
+                        let tag = if w.free_slots() > 0 {
+                            next_seq += 1;
+                            ev(next_seq - 1)
+                        } else {
+                            Tag::Other
+                        };
+                        w.queued(tag, now);
+                        client.requests.push_back(tag);
+                        Vec::new()
+                    }
+                    1 => client.send_next().into_iter().collect(),
+                    _ => client.ack(pick),
+                };
+                for s in seen {
+                    match s {
+                        Seen::Publish(pkid) => w.on_publish_sent(pkid).unwrap(),
+                        Seen::AwaitAck(pkid) => w.on_collision(pkid).unwrap(),
+                        Seen::PubAck(pkid, carried) => {
+                            proptest::prop_assert_eq!(w.on_puback(pkid), Some(carried));
+                            if let Tag::Event { seq, .. } = carried {
+                                proptest::prop_assert!(acked.insert(seq), "seq {:?} acked twice", seq);
+                            }
+                        }
+                    }
+                }
+            }
+            let is_event = |t: &Tag| matches!(t, Tag::Event { .. });
+            let in_model_events = client.requests.iter().filter(|t| is_event(t)).count()
+                + client.outgoing.values().filter(|t| is_event(t)).count()
+                + client.collision.iter().filter(|(_, t)| is_event(t)).count();
+            proptest::prop_assert_eq!(w.events_in_flight(), in_model_events);
+            proptest::prop_assert_eq!(w.events_in_flight() + acked.len(), usize::try_from(next_seq - 1).unwrap());
+        }
     }
 }

@@ -2,6 +2,7 @@
 # Interop tests: the release binary against third-party peers.
 #   test_rtu_pymodbus.py  pymodbus RTU slave on a socat pty pair (sounder coil, fire.alarm)
 #   test_mosquitto.py     mosquitto: status, events, commands, broker outage, SIGTERM, will
+#   test_tls.py           mosquitto with TLS client certificates required + password (openssl certs)
 #   test_crash_mosquitto.py  tests/crash.rs against mosquitto with 30 SIGKILLs (needs cargo)
 # Needs: target/release/village-gateway (or VGW_BIN), .venv with pymodbus + paho-mqtt (or PYTHON),
 # socat, mosquitto. By hand: bash tests/interop/run.sh [test_name.py ...]
@@ -19,6 +20,7 @@ missing=()
 [ -x "$PYTHON" ] || missing+=("python venv $PYTHON (python3 -m venv .venv && .venv/bin/pip install 'pymodbus[serial]==3.11.4' paho-mqtt==2.1.0)")
 command -v socat >/dev/null || missing+=("socat (apt-get install socat)")
 command -v mosquitto >/dev/null || missing+=("mosquitto (apt-get install mosquitto)")
+command -v openssl >/dev/null || missing+=("openssl (apt-get install openssl)")
 if [ ${#missing[@]} -gt 0 ]; then
     printf 'interop: missing %s\n' "${missing[@]}" >&2
     echo "interop: 0 passed, 1 failed" | tee ${INTEROP_SUMMARY:+"$INTEROP_SUMMARY"}
@@ -54,7 +56,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
 tests=("$@")
-[ ${#tests[@]} -gt 0 ] || tests=(test_rtu_pymodbus.py test_mosquitto.py)
+[ ${#tests[@]} -gt 0 ] || tests=(test_rtu_pymodbus.py test_mosquitto.py test_tls.py)
 [ "$#" -gt 0 ] || tests+=(test_crash_mosquitto.py)
 
 "$VGW_BIN" --version || true
