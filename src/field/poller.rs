@@ -277,6 +277,12 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
                 }
                 Err(e) => {
                     warn!(bus, error = %e, retry_ms = backoff.as_millis() as u64, "Cannot open bus; retrying.");
+                    outputs_unreachable(
+                        &mut coils,
+                        &reports,
+                        &format!("bus {bus} cannot be opened: {e}"),
+                    )
+                    .await;
                     for d in &detectors {
                         let reason = format!("bus {bus} cannot be opened: {e}");
                         if reports
@@ -430,6 +436,10 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
         if broken {
             carried = l.take_counters();
             link = None;
+            // The relay modules' coils are unknown until the port is back: write them again.
+            for c in &mut coils {
+                c.confirmed = None;
+            }
             continue;
         }
         let cycle = cycle_start.elapsed();
@@ -725,5 +735,32 @@ fn on_off(on: bool) -> &'static str {
         "on"
     } else {
         "off"
+    }
+}
+
+/// The port cannot be opened: every coil on it is out of reach. Each is reported once as a
+/// failed output (the engine raises `sounder.fault`), and marked unconfirmed so that it is
+/// written again, and its recovery reported, as soon as the port is back: a relay module's
+/// coils may have changed while the bus was down.
+async fn outputs_unreachable(
+    coils: &mut [Coil],
+    reports: &mpsc::Sender<FieldReport>,
+    reason: &str,
+) {
+    for c in coils.iter_mut() {
+        c.confirmed = None;
+        if std::mem::replace(&mut c.failing, true) {
+            continue;
+        }
+        let on = *c.out.wanted.borrow();
+        let _ = reports
+            .send(FieldReport::OutputWritten {
+                name: c.out.name.clone(),
+                on,
+                ok: false,
+                error: Some(reason.to_owned()),
+                at: Instant::now(),
+            })
+            .await;
     }
 }
