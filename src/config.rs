@@ -874,6 +874,27 @@ impl Validator {
             }
             buses.push(self.bus(&key, b));
         }
+        // Two buses on one serial port or one converter would fight over it at runtime (the
+        // second cannot lock the port, and its detectors go offline).
+        let mut endpoints: HashMap<String, usize> = HashMap::new();
+        for (i, bus) in buses.iter().enumerate() {
+            let (endpoint, what) = match &bus.transport {
+                BusTransport::Rtu { port, .. } => (port.clone(), "rtu.port"),
+                BusTransport::Tcp { addr } => (addr.clone(), "tcp"),
+            };
+            if endpoint.is_empty() {
+                continue;
+            }
+            if let Some(first) = endpoints.insert(endpoint.clone(), i) {
+                self.problem(
+                    format!("bus[{i}].{what}"),
+                    format!(
+                        "{endpoint:?} is already bus {:?}: put both buses' devices on one bus",
+                        buses[first].name
+                    ),
+                );
+            }
+        }
 
         let mut ids = HashSet::new();
         let mut addresses: BTreeMap<(usize, u8), String> = BTreeMap::new();
@@ -995,6 +1016,23 @@ impl Validator {
                 output,
                 fallback,
             });
+        }
+
+        // A zone no sounder serves would latch a fire and sound nothing by the door.
+        let mut seen = HashSet::new();
+        for (i, d) in detectors.iter().enumerate() {
+            if seen.insert(d.zone.as_str())
+                && !d.zone.is_empty()
+                && !sounders.iter().any(|s| s.zones.includes(&d.zone))
+            {
+                self.problem(
+                    format!("detector[{i}].zone"),
+                    format!(
+                        "no [[sounder]] serves zone {:?}: a fire here would sound nothing; add it to a sounder's zones (or \"*\")",
+                        d.zone
+                    ),
+                );
+            }
         }
 
         let mut doors = Vec::new();
@@ -1650,6 +1688,35 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
             e.problems[0].message.contains("already device \"A-101\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_zone_that_no_sounder_serves_is_refused() {
+        let text =
+            format!("{GOOD}\n[[detector]]\nid = \"B-101\"\nbus = \"a\"\nunit = 2\nzone = \"B\"\n");
+        let e = check(&text).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].key, "detector[1].zone", "{e}");
+        assert!(
+            e.problems[0]
+                .message
+                .contains("no [[sounder]] serves zone \"B\""),
+            "{e}"
+        );
+        // A sounder for every zone makes it good.
+        assert!(check(&text.replace("zones = [\"A\"]", "zones = [\"*\"]")).is_ok());
+    }
+
+    #[test]
+    fn two_buses_on_one_port_are_refused() {
+        let text = GOOD.replace(
+            "[[detector]]",
+            "[[bus]]\nname = \"b\"\nrtu = { port = \"/dev/ttyUSB0\" }\n\n[[detector]]",
+        );
+        let e = check(&text).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].key, "bus[1].rtu.port", "{e}");
+        assert!(e.problems[0].message.contains("already bus \"a\""), "{e}");
     }
 
     #[test]

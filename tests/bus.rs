@@ -594,7 +594,7 @@ async fn scan_lists_the_units_that_answer_and_the_profile_they_fit() {
     sim.set_offline(UnitId(1), true);
     let pty = sim.serve_pty().unwrap();
     let (ok, out, err) = gateway_cli(args(&format!(
-        "scan --port {} --baud 9600 --units 1-5,50,99-100 --timeout 60ms",
+        "scan --port {} --baud 9600 --units 1-5,50,99-100 --timeout 300ms",
         pty.path()
     )))
     .await;
