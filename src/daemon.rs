@@ -62,7 +62,8 @@ pub enum Tap {
 /// Runs the gateway described by `config` until `shutdown` is cancelled.
 ///
 /// # Errors
-/// Start-up failures only (the state directory cannot be opened, a thread cannot start).
+/// Start-up failures only: the outbox is held by another process, neither `state_dir` nor a
+/// volatile fallback can hold one (see `open_store`), a thread cannot start.
 /// Field and network trouble is logged, reported and retried, never returned.
 pub async fn run(
     config: Config,
@@ -70,22 +71,7 @@ pub async fn run(
     tap: Option<broadcast::Sender<Tap>>,
 ) -> anyhow::Result<()> {
     let started = SystemTime::now();
-    std::fs::create_dir_all(&config.gateway.state_dir).with_context(|| {
-        format!(
-            "cannot create state_dir {}",
-            config.gateway.state_dir.display()
-        )
-    })?;
-    let store = Store::open_with(
-        &config.gateway.state_dir.join("outbox"),
-        store_settings(&config),
-    )
-    .with_context(|| {
-        format!(
-            "cannot open the outbox in {}",
-            config.gateway.state_dir.display()
-        )
-    })?;
+    let (store, volatile) = open_store(&config)?;
 
     let mut engine = build_engine(&config);
     let mut started_data = EventData {
@@ -120,6 +106,12 @@ pub async fn run(
         started_data
             .extra
             .insert("disabled_detectors".into(), serde_json::json!(disabled));
+    }
+    if let Some(v) = &volatile {
+        started_data.extra.insert(
+            "outbox_volatile".into(),
+            serde_json::json!({ "dir": v.dir.display().to_string(), "reason": v.reason }),
+        );
     }
     let mut start_events = vec![Event::new(EventKind::GatewayStarted, started, started_data)];
 
@@ -242,6 +234,7 @@ pub async fn run(
     // The store writer: a thread of its own, so an fsync never delays the engine loop.
     let wake_uplink = Arc::new(Notify::new());
     let (event_tx, event_rx) = mpsc::unbounded_channel::<ToStore>();
+    let (store_fault_tx, mut store_faults) = mpsc::unbounded_channel::<Option<String>>();
     let not_durable = Arc::new(Mutex::new(Vec::new()));
     let writer = {
         let store = store.clone();
@@ -250,7 +243,16 @@ pub async fn run(
         let not_durable = not_durable.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || store_writer(&store, event_rx, &wake, tap.as_ref(), &not_durable))
+            .spawn(move || {
+                store_writer(
+                    &store,
+                    event_rx,
+                    &wake,
+                    tap.as_ref(),
+                    &not_durable,
+                    &store_fault_tx,
+                );
+            })
             .context("cannot start the store writer thread")?
     };
     // Access and routine events become durable in the store's flusher thread: only then may
@@ -330,6 +332,16 @@ pub async fn run(
         },
         &engine,
     );
+    if let Some(v) = volatile {
+        let step = engine.step(
+            Input::GatewayFault {
+                component: OUTBOX_COMPONENT.into(),
+                reason: Some(v.reason),
+            },
+            SystemTime::now(),
+        );
+        actuator.apply(step, &engine);
+    }
 
     let output_by_name: HashMap<String, OutputId> = actuator
         .levels
@@ -402,6 +414,11 @@ pub async fn run(
                         }
                     }
                 };
+                let step = engine.step(input, SystemTime::now());
+                actuator.apply(step, &engine);
+            }
+            Some(reason) = store_faults.recv() => {
+                let input = Input::GatewayFault { component: OUTBOX_COMPONENT.into(), reason };
                 let step = engine.step(input, SystemTime::now());
                 actuator.apply(step, &engine);
             }
@@ -801,7 +818,9 @@ fn store_writer(
     wake: &Notify,
     tap: Option<&broadcast::Sender<Tap>>,
     not_durable: &NotDurable,
+    faults: &mpsc::UnboundedSender<Option<String>>,
 ) {
+    let mut failing = false;
     while let Some(ToStore::Step { latched, events }) = queue.blocking_recv() {
         let state = match latched.as_ref().map(serde_json::to_vec).transpose() {
             Ok(state) => state,
@@ -814,11 +833,18 @@ fn store_writer(
             Ok(step) => step,
             Err(e) => {
                 // The events are lost to upstream; the local alarm has already been acted on.
+                // The engine makes it a fault of the gateway: fault LED, buzzer, status.
                 let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
                 error!(events = ?kinds, latched = state.is_some(), error = %e, "Events could not be stored.");
+                if !std::mem::replace(&mut failing, true) {
+                    let _ = faults.send(Some(format!("events cannot be stored: {e}")));
+                }
                 continue;
             }
         };
+        if std::mem::take(&mut failing) {
+            let _ = faults.send(None);
+        }
         // The store logged an eviction itself; its report is one more stored event.
         let report = step
             .eviction
@@ -873,4 +899,64 @@ async fn announce_durable(
             });
         }
     }
+}
+
+/// The [`Input::GatewayFault`] component of the outbox.
+pub const OUTBOX_COMPONENT: &str = "gateway.outbox";
+
+/// Why the outbox runs in a volatile directory instead of `state_dir`.
+#[derive(Debug)]
+struct Volatile {
+    dir: std::path::PathBuf,
+    reason: String,
+}
+
+/// Opens the outbox in `state_dir`. When that is impossible (a read-only SD card, a full or
+/// missing mount) the gateway must still poll, alarm and forward: the outbox then lives in a
+/// fresh directory in RAM (`/dev/shm`, else the temp dir), lost at power-off, and the engine
+/// reports a gateway fault. Only another process holding the outbox (sled's lock) is retried
+/// for a moment and then returned as an error: systemd restarts the daemon.
+fn open_store(config: &Config) -> anyhow::Result<(Store, Option<Volatile>)> {
+    let state_dir = &config.gateway.state_dir;
+    let mut attempt = 0;
+    let error = loop {
+        let opened = std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("cannot create state_dir {}", state_dir.display()))
+            .and_then(|()| {
+                Store::open_with(&state_dir.join("outbox"), store_settings(config))
+                    .map_err(anyhow::Error::from)
+            });
+        match opened {
+            Ok(store) => return Ok((store, None)),
+            Err(e) if is_locked(&e) && attempt < 10 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) if is_locked(&e) => return Err(e),
+            Err(e) => break e,
+        }
+    };
+    let reason = format!("cannot use state_dir {}: {error:#}", state_dir.display());
+    let base = std::path::Path::new("/dev/shm");
+    let base = if base.is_dir() {
+        base.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!("village-gateway-{}-outbox", config.gateway.id));
+    error!(%reason, volatile_dir = %dir.display(), "The outbox cannot be kept on disk; it runs in RAM until state_dir is repaired (events still go upstream, a power cut loses the ones not yet sent).");
+    // Whatever a previous volatile run left there was from before that run ended: start fresh.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("{reason}; nor can {} be created", dir.display()))?;
+    let store = Store::open_with(&dir, store_settings(config))
+        .with_context(|| format!("{reason}; nor can an outbox be opened in {}", dir.display()))?;
+    Ok((store, Some(Volatile { dir, reason })))
+}
+
+fn is_locked(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<crate::store::Error>(),
+        Some(crate::store::Error::Locked { .. })
+    )
 }

@@ -211,6 +211,44 @@ async fn a_dead_detector_goes_offline_and_lights_the_fault_led() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_state_dir_is_a_gateway_fault_and_alarms_still_sound_and_go_upstream() {
+    let Village {
+        sim,
+        pty: _pty,
+        broker,
+        state,
+        mut config,
+    } = Village::on_a_pty(3);
+    // Like a read-only SD card: the state directory cannot be created.
+    let blocker = state.path().join("a-file");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    config.gateway.state_dir = blocker.join("state");
+    let mut sub = Subscriber::connect(broker.port(), "it-volatile").await;
+    wait_subscribed(&sub).await;
+    sub.next_of("probe", Duration::from_secs(10)).await;
+
+    let (gw, mut tap) = Gateway::start(config);
+    until(&mut tap, Duration::from_secs(10), "the outbox fault", |t| {
+        raised(t, EventKind::DeviceFault, daemon::OUTBOX_COMPONENT)
+    })
+    .await;
+    until(&mut tap, Duration::from_secs(10), "fault LED", |t| {
+        written(t, "panel fault LED", true)
+    })
+    .await;
+    sim.set_smoke(UnitId(1), SmokeState::Alarm);
+    until(&mut tap, Duration::from_secs(10), "sounder on", |t| {
+        written(t, "A-sounder", true)
+    })
+    .await;
+    let fault = sub.next_of("device.fault", Duration::from_secs(10)).await;
+    assert_eq!(fault["data"]["device"], daemon::OUTBOX_COMPONENT, "{fault}");
+    let alarm = sub.next_of("fire.alarm", Duration::from_secs(10)).await;
+    assert_eq!(alarm["data"]["device"], "A-101", "{alarm}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_relay_module_is_a_sounder_fault_and_sounds_when_it_returns() {
     let Village {
         sim,

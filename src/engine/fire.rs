@@ -151,6 +151,13 @@ pub enum Input {
     /// The clock ticked; the daemon sends one a second. The fault buzzer toggles on each tick
     /// (1 s on, 1 s off) and the auto-resound timer is checked.
     Tick,
+    /// A part of the gateway itself failed (`reason`) or recovered (`None`): e.g.
+    /// `gateway.outbox` when events cannot be stored. A fault like a detector's: `device.fault`
+    /// / `device.fault_cleared`, the fault LED and the pulsing buzzer (EN 54-2 system fault).
+    GatewayFault {
+        component: DeviceId,
+        reason: Option<String>,
+    },
 }
 
 /// What the engine wants done, in order. Outputs first.
@@ -243,6 +250,8 @@ pub struct FireEngine {
     driven: BTreeMap<OutputId, bool>,
     /// Outputs whose last write was not confirmed.
     output_faults: BTreeSet<OutputId>,
+    /// Faults of the gateway itself ([`Input::GatewayFault`]), by component.
+    gateway_faults: BTreeMap<DeviceId, String>,
 }
 
 impl FireEngine {
@@ -263,6 +272,7 @@ impl FireEngine {
             released: BTreeSet::new(),
             driven: BTreeMap::new(),
             output_faults: BTreeSet::new(),
+            gateway_faults: BTreeMap::new(),
         }
     }
 
@@ -370,6 +380,27 @@ impl FireEngine {
                 }
             }
             Input::Tick => self.tick(now, &mut step),
+            Input::GatewayFault { component, reason } => {
+                let data = EventData {
+                    device: Some(component.clone()),
+                    reason: reason.clone(),
+                    ..EventData::default()
+                };
+                match reason {
+                    Some(reason) => {
+                        if self.gateway_faults.insert(component, reason).is_none() {
+                            step.events
+                                .push(Event::new(EventKind::DeviceFault, now, data));
+                        }
+                    }
+                    None => {
+                        if self.gateway_faults.remove(&component).is_some() {
+                            step.events
+                                .push(Event::new(EventKind::DeviceFaultCleared, now, data));
+                        }
+                    }
+                }
+            }
         }
         // A new fault makes a silenced fault buzzer pulse again; no fault left ends the silence.
         let faults = self.faults();
@@ -403,6 +434,7 @@ impl FireEngine {
     pub fn faults(&self) -> Vec<DeviceId> {
         let mut v = self.iter_where(|s| !s.disabled && (s.faulty() || s.offline));
         v.extend(self.output_faults.iter().map(|&o| self.output_id(o)));
+        v.extend(self.gateway_faults.keys().cloned());
         v
     }
 
