@@ -168,6 +168,8 @@ struct Unit {
     /// Fault injection: the next this-many reads of the input registers report alarm (a
     /// corrupted status that passed the CRC), then the real state again.
     alarm_glitch: u32,
+    /// How many answered FC04 requests covered each input register (for tests of read plans).
+    input_reads: BTreeMap<u16, u64>,
 }
 
 impl Unit {
@@ -189,6 +191,7 @@ impl Unit {
             corrupt_replies: false,
             frozen_heartbeat: None,
             alarm_glitch: 0,
+            input_reads: BTreeMap::new(),
         }
     }
 
@@ -402,6 +405,16 @@ impl Simulator {
             .units
             .get(&unit.0)
             .and_then(|u| u.coils.get(usize::from(address)).copied())
+    }
+
+    /// How many answered FC04 requests read input register `address` of `unit` (0 for an
+    /// unknown unit).
+    pub fn input_register_reads(&self, unit: UnitId, address: u16) -> u64 {
+        self.state()
+            .units
+            .get(&unit.0)
+            .and_then(|u| u.input_reads.get(&address).copied())
+            .unwrap_or(0)
     }
 
     /// The value of holding register `address` of `unit`, if it exists.
@@ -801,6 +814,9 @@ fn apply(u: &mut Unit, req: &Request, heartbeat: u16, changed: &mut dyn FnMut(Si
         Request::ReadInputRegisters { address, count } => {
             let regs = u.input_registers(heartbeat);
             let r = range(*address, usize::from(*count), regs.len())?;
+            for a in *address..address.saturating_add(*count) {
+                *u.input_reads.entry(a).or_default() += 1;
+            }
             Ok(Response::Registers(regs[r].to_vec()))
         }
         Request::ReadHoldingRegisters { address, count } => {
