@@ -92,3 +92,59 @@ async fn a_profile_with_slow_points_reads_them_every_4th_cycle_and_still_sounds_
     .await;
     assert_eq!(sim.coil(RELAY, 0), Some(true), "the alarm stays latched");
 }
+
+/// The Calectro UG-3-O-MB-R's discrete inputs (`shared/devices/smoke_detector.toml`):
+/// 1x0001 mounted, 1x0002 service alarm, 1x0003 smoke alarm.
+const CALECTRO_PROFILE: &str = r#"
+[profile.calectro-ug3]
+alarm = { table = "discrete_input", address = 2 }
+fault = { table = "discrete_input", address = 1 }
+mounted = { table = "discrete_input", address = 0 }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detector_with_alarm_and_mounted_bits_reports_head_removed_and_sounds_an_alarm() {
+    let sim = village_gateway::sim::Simulator::new(
+        9600,
+        [
+            (UnitId(1), SimProfile::SmokeBits),
+            (UnitId(2), SimProfile::Smoke),
+            (RELAY, SimProfile::Relay),
+        ],
+    );
+    let pty = sim.serve_pty().unwrap();
+    let broker = village_gateway::broker::start(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let path = write_config(dir.path(), pty.path(), 2, broker.port(), &state);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "unit = 1\nzone = \"A\"\n",
+        "unit = 1\nzone = \"A\"\nprofile = \"calectro-ug3\"\n",
+        1,
+    );
+    assert!(text.contains("profile = \"calectro-ug3\""), "{text}");
+    std::fs::write(&path, format!("{text}{CALECTRO_PROFILE}")).unwrap();
+
+    let mut sub = Subscriber::connect(broker.port(), "it-calectro").await;
+    wait_subscribed(&sub).await;
+    sub.next_of("probe", Duration::from_secs(10)).await;
+    let _daemon = Daemon::spawn(&path);
+
+    // Head removed (mounted bit clear): a device fault, not a fire.
+    sim.set_smoke(UnitId(1), SmokeState::Fault);
+    let fault = sub.next_of("device.fault", Duration::from_secs(10)).await;
+    assert_eq!(fault["data"]["device"], "A-101");
+    sim.set_smoke(UnitId(1), SmokeState::Normal);
+    let cleared = sub
+        .next_of("device.fault_cleared", Duration::from_secs(10))
+        .await;
+    assert_eq!(cleared["data"]["device"], "A-101");
+    assert_eq!(sim.coil(RELAY, 0), Some(false), "a fault sounds nothing");
+
+    // The smoke alarm bit: the sounder is driven and the alarm latched.
+    let mut events = sim.subscribe();
+    sim.set_smoke(UnitId(1), SmokeState::Alarm);
+    coil_written(&mut events, 0, true, "the sounder").await;
+    let alarm = sub.next_of("fire.alarm", Duration::from_secs(10)).await;
+    assert_eq!(alarm["data"]["device"], "A-101");
+}

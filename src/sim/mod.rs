@@ -64,6 +64,11 @@ pub enum SimProfile {
     /// `generic-door`: input registers 0..=6 (contact, FIFO depth and head), coil 0 (lock
     /// release), holding register 32 (FIFO pop).
     Door,
+    /// A smoke detector that reports on discrete inputs like the Calectro UG-3-O-MB-R
+    /// (`shared/devices/smoke_detector.toml`): 0 = head mounted (clear in [`SmokeState::Fault`]),
+    /// 1 = service alarm (never set), 2 = smoke alarm, 3 = relay (follows the alarm); holding
+    /// register 0 (alarm reset). No input registers.
+    SmokeBits,
 }
 
 /// What a simulated smoke detector reports (status register values of `generic-smoke`).
@@ -178,6 +183,7 @@ impl Unit {
             SimProfile::Smoke => (0, 0, &[16]),
             SimProfile::Relay => (8, 8, &[]),
             SimProfile::Door => (1, 0, &[32]),
+            SimProfile::SmokeBits => (0, 4, &[0]),
         };
         Unit {
             profile,
@@ -210,7 +216,7 @@ impl Unit {
             }
             // Contact closed, FIFO empty: depth, head seq, card (2 words), kind, age.
             SimProfile::Door => vec![0; 7],
-            SimProfile::Relay => Vec::new(),
+            SimProfile::Relay | SimProfile::SmokeBits => Vec::new(),
         }
     }
 }
@@ -279,7 +285,10 @@ impl Simulator {
     /// [`SimChange::SmokeChanged`] when it changes.
     pub fn set_smoke(&self, unit: UnitId, state: SmokeState) {
         let changed = match self.state().units.get_mut(&unit.0) {
-            Some(u) if u.profile == SimProfile::Smoke && u.smoke != state => {
+            Some(u)
+                if matches!(u.profile, SimProfile::Smoke | SimProfile::SmokeBits)
+                    && u.smoke != state =>
+            {
                 u.smoke = state;
                 true
             }
@@ -808,6 +817,10 @@ fn apply(u: &mut Unit, req: &Request, heartbeat: u16, changed: &mut dyn FnMut(Si
             Ok(Response::Bits(u.coils[r].to_vec()))
         }
         Request::ReadDiscreteInputs { address, count } => {
+            if u.profile == SimProfile::SmokeBits {
+                let alarm = u.smoke == SmokeState::Alarm;
+                u.inputs = vec![u.smoke != SmokeState::Fault, false, alarm, alarm];
+            }
             let r = range(*address, usize::from(*count), u.inputs.len())?;
             Ok(Response::Bits(u.inputs[r].to_vec()))
         }
