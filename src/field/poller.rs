@@ -613,8 +613,9 @@ impl Kept {
 }
 
 /// One poll of detector `d` reading `blocks` (see [`profile::plan_cycle`]): its report, and
-/// whether the port itself failed (I/O error). A block with an alarm or fault point that
-/// fails makes the poll a miss; a failed block of slow points only leaves their last values.
+/// whether the port itself failed (I/O error). The blocks with alarm or fault points are read
+/// first, and one that fails makes the poll a miss (so a dead unit costs one timeout); a failed
+/// block of slow points leaves their last values and ends the poll's slow reads.
 async fn poll(
     link: &mut Link,
     d: &PolledDetector,
@@ -627,8 +628,11 @@ async fn poll(
         reason,
     };
     let alarm_points = d.profile.alarm_points();
+    let essential = |b: &Block| alarm_points.iter().any(|p| b.covers(p));
+    let mut ordered: Vec<&Block> = blocks.iter().collect();
+    ordered.sort_by_key(|b| !essential(b));
     let mut read = Vec::with_capacity(blocks.len());
-    for block in blocks {
+    for block in ordered {
         let data = match link.call(d.unit, &block.request()).await {
             Ok(Ok(Response::Registers(regs))) => Ok(BlockData::Registers(regs)),
             Ok(Ok(Response::Bits(bits))) => Ok(BlockData::Bits(bits)),
@@ -645,11 +649,12 @@ async fn poll(
         };
         match data {
             Ok(data) => read.push((*block, data)),
-            Err(reason) if alarm_points.iter().any(|p| block.covers(p)) => {
+            Err(reason) if essential(block) => {
                 return (missed(reason), false);
             }
             Err(reason) => {
                 debug!(bus, unit = d.unit.0, error = %reason, "Slow points not read; keeping their last values.");
+                break;
             }
         }
     }
