@@ -1,6 +1,8 @@
 //! Detector profiles of the installer's own (`[profile.NAME]`) through the real daemon, over a
 //! pseudo-terminal against the built-in simulator: the read plan reads the status every scan
 //! cycle and the slow points every Nth cycle, and an alarm still latches and sounds.
+// Needs the embedded broker (like `tests/gateway.rs`, whose `required-features` say so).
+#![cfg(feature = "embedded-broker")]
 
 use std::time::Duration;
 
