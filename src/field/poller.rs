@@ -32,6 +32,11 @@
 //!   one immediate re-read of the same unit agrees (per detector, [`PolledDetector::confirm_alarm`]);
 //!   otherwise the re-read is what is reported. One corrupted reply cannot sound a village, and
 //!   the confirmation costs one transaction, not one scan cycle.
+//! - **Read plan.** Each detector is read with its profile's plan for the cycle
+//!   ([`profile::plan_cycle`]): the alarm and fault points every cycle, first; slow points
+//!   (`every = N`) in their cycles, their last values reported in between. A probe, or a
+//!   detector whose slow points were never read, reads every point. `generic-smoke` is one FC04
+//!   of registers 0..3 in every cycle, as before.
 //! - **Output read-back.** Every `readback_interval` each relay module's coils are read (FC01)
 //!   and compared with the wanted levels. A mismatch or a failed read is reported as a failed
 //!   [`FieldReport::OutputWritten`] and the coil is written again at once.
@@ -342,9 +347,14 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
             };
             let (mut report, mut io_failed) = poll(l, d, bus, &blocks, &mut kept[k]).await;
             if d.confirm_alarm && !io_failed && !last_alarm[k] && is_alarm(&report) {
-                // One immediate re-read (of the alarm and fault points only) before the alarm
-                // counts.
-                let alarm_blocks = profile::alarm_plan(&d.profile);
+                // One immediate re-read before the alarm counts: of this cycle's blocks, those
+                // with alarm or fault points (generic-smoke: the same FC04 of registers 0..3).
+                let alarm_points = d.profile.alarm_points();
+                let alarm_blocks: Vec<Block> = blocks
+                    .iter()
+                    .filter(|b| alarm_points.iter().any(|p| b.covers(p)))
+                    .copied()
+                    .collect();
                 let (second, failed) = poll(l, d, bus, &alarm_blocks, &mut kept[k]).await;
                 if !is_alarm(&second) {
                     warn!(
