@@ -1,5 +1,5 @@
 //! Smoke detector profiles: which points a detector has, how they are read (the read plan),
-//! and how the replies decode into a [`DetectorReading`]. Pure: no I/O, no clock.
+//! and how the replies decode into a [`DetectorReading`](crate::event::DetectorReading). Pure: no I/O, no clock.
 //!
 //! - A profile names **points** ([`Point`]: a Modbus table, a PDU address, and `every`, the
 //!   scan cycles between two reads). The status (a register with a value map, or separate
