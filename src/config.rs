@@ -119,60 +119,12 @@ impl Bus {
     }
 }
 
-/// A smoke detector profile: which registers to read and how to decode them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SmokeProfile {
-    pub name: String,
-    /// First input register of the one FC04 read per poll.
-    pub first_register: u16,
-    /// How many input registers the poll reads.
-    pub register_count: u16,
-    /// Offset (from `first_register`) of the status register.
-    pub status_offset: u16,
-    pub normal_values: Vec<u16>,
-    pub alarm_values: Vec<u16>,
-    pub pre_alarm_values: Vec<u16>,
-    pub fault_values: Vec<u16>,
-    pub test_values: Vec<u16>,
-    /// Offset of the smoke density register and its scale to dB/m.
-    pub density: Option<(u16, f32)>,
-    /// Offset of the fault bits register (any bit set = fault).
-    pub fault_bits_offset: Option<u16>,
-    /// Offset of the heartbeat register.
-    pub heartbeat_offset: Option<u16>,
-    /// Holding register written with 1 on reset.
-    pub remote_reset_register: Option<u16>,
-    /// A heartbeat unchanged for this long is a device fault (stuck firmware).
-    pub heartbeat_timeout: Option<Duration>,
-}
-
-/// `generic-smoke`'s frozen-heartbeat limit: "a value frozen for 60 s = device fault (stuck
-/// firmware)" (`shared/devices/generic.toml`).
-pub const GENERIC_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(60);
-
-impl SmokeProfile {
-    /// The built-in `generic-smoke` profile (`shared/devices/generic.toml`): input registers
-    /// 0..3 = status (0 normal, 1 alarm, 2 fault, 3 pre-alarm, 4 test), density ×0.01 dB/m,
-    /// fault bits, heartbeat; holding register 16 = remote reset.
-    pub fn generic_smoke() -> Self {
-        SmokeProfile {
-            name: "generic-smoke".to_owned(),
-            first_register: 0,
-            register_count: 4,
-            status_offset: 0,
-            normal_values: vec![0],
-            alarm_values: vec![1],
-            pre_alarm_values: vec![3],
-            fault_values: vec![2],
-            test_values: vec![4],
-            density: Some((1, 0.01)),
-            fault_bits_offset: Some(2),
-            heartbeat_offset: Some(3),
-            remote_reset_register: Some(16),
-            heartbeat_timeout: Some(GENERIC_HEARTBEAT_TIMEOUT),
-        }
-    }
-}
+/// Smoke detector profiles are the field layer's own types: the config produces exactly what
+/// [`crate::field::profile`] plans and decodes (`[profile.NAME]` tables, or the built-in
+/// `generic-smoke`).
+pub use crate::field::profile::{
+    Point, SmokeProfile, StatusPoints, StatusValues, Table, GENERIC_HEARTBEAT_TIMEOUT,
+};
 
 /// `[[detector]]`.
 #[derive(Debug, Clone)]
@@ -352,6 +304,10 @@ struct RawConfig {
     /// `[panel]`: the micro fire-station panel.
     #[serde(default)]
     panel: RawPanel,
+    /// `[profile.NAME]`: smoke detector profiles of the installer's own, named by detectors'
+    /// `profile`.
+    #[serde(default)]
+    profile: BTreeMap<String, RawProfile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -478,6 +434,115 @@ struct RawDetector {
     /// A heartbeat unchanged this long is a fault; default the profile's (60s), 2s..=1h.
     heartbeat_timeout: Option<String>,
 }
+
+/// `[profile.NAME]`: a smoke detector's points. Either `status` (a register with a value map)
+/// or `alarm` (a bit; with optional `fault` and `mounted` bits).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    /// `{ table = "input" | "holding", address, values = { normal, alarm, fault, pre_alarm,
+    /// test } }`: the register whose value is the status; `alarm` is required.
+    status: Option<RawStatus>,
+    /// `{ table = "discrete_input" | "coil", address }`: set = fire.
+    alarm: Option<RawPoint>,
+    /// A bit: set = device fault (e.g. Calectro's service alarm).
+    fault: Option<RawPoint>,
+    /// A bit: clear = detector head removed = device fault.
+    mounted: Option<RawPoint>,
+    /// `{ table, address, scale, every }`: smoke density register; dB/m = raw × `scale`
+    /// (default 1.0).
+    smoke_density: Option<RawDensity>,
+    /// A register whose bits are faults (any bit set = fault).
+    fault_bits: Option<RawPoint>,
+    /// A register the detector increments (stuck firmware if it freezes).
+    heartbeat: Option<RawPoint>,
+    /// `{ address, value }`: holding register written on reset; only value 1 is supported.
+    remote_reset: Option<RawReset>,
+    /// A heartbeat unchanged this long is a fault; default `60s`, 2s..=1h.
+    heartbeat_timeout: Option<String>,
+}
+
+/// A point: `{ table, address, every }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPoint {
+    /// `input`, `holding`, `discrete_input` or `coil`.
+    table: RawTable,
+    /// PDU address (0-based).
+    address: i64,
+    /// Read every Nth scan cycle; default 1. Alarm and fault points: 1 only.
+    every: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatus {
+    /// `input` or `holding`.
+    table: RawTable,
+    /// PDU address (0-based).
+    address: i64,
+    /// The status values; `alarm` required.
+    values: RawStatusValues,
+    /// Must be 1 (the status is read every cycle).
+    every: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatusValues {
+    normal: Option<u16>,
+    alarm: Option<u16>,
+    fault: Option<u16>,
+    pre_alarm: Option<u16>,
+    test: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDensity {
+    /// `input` or `holding`.
+    table: RawTable,
+    /// PDU address (0-based).
+    address: i64,
+    /// dB/m per raw count; default 1.0.
+    scale: Option<f64>,
+    /// Read every Nth scan cycle; default 1.
+    every: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReset {
+    /// Holding register (PDU address).
+    address: i64,
+    /// The value written; only 1 is supported (the daemon writes 1).
+    value: i64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawTable {
+    Input,
+    Holding,
+    DiscreteInput,
+    Coil,
+}
+
+impl From<RawTable> for Table {
+    fn from(t: RawTable) -> Table {
+        match t {
+            RawTable::Input => Table::Input,
+            RawTable::Holding => Table::Holding,
+            RawTable::DiscreteInput => Table::DiscreteInput,
+            RawTable::Coil => Table::Coil,
+        }
+    }
+}
+
+/// The longest scan cycle `check-config` accepts on a bus (DESIGN.md §4: 10 s to indicate a
+/// fire); a heartbeat read every N cycles must be read at least once within its timeout even
+/// at this cycle time, or a live heartbeat could look frozen.
+const WORST_SCAN_CYCLE: Duration = Duration::from_secs(10);
 
 fn default_true() -> bool {
     true
@@ -838,6 +903,249 @@ impl Validator {
         DeviceId(id.to_owned())
     }
 
+    /// A `[profile.NAME]` table; problems are reported under `profile.NAME.<key>`.
+    fn smoke_profile(&mut self, name: &str, raw: RawProfile) -> SmokeProfile {
+        let key = format!("profile.{name}");
+        if name == "generic-smoke" {
+            self.problem(
+                &key,
+                "\"generic-smoke\" is built in; give your profile another name",
+            );
+        }
+        let status = match (raw.status, raw.alarm) {
+            (Some(st), None) => {
+                let k = format!("{key}.status");
+                if raw.fault.is_some() || raw.mounted.is_some() {
+                    self.problem(
+                        &k,
+                        "fault and mounted bits go with an alarm bit, not with a status register",
+                    );
+                }
+                let point = self.point(&k, st.table, st.address, st.every, false, true);
+                let v = st.values;
+                if v.alarm.is_none() {
+                    self.problem(
+                        format!("{k}.values"),
+                        "the status values need `alarm` (the value that means fire)",
+                    );
+                }
+                let all: Vec<u16> = [v.normal, v.alarm, v.fault, v.pre_alarm, v.test]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                if all.iter().collect::<HashSet<_>>().len() != all.len() {
+                    self.problem(
+                        format!("{k}.values"),
+                        "two states share a value; each value means one state",
+                    );
+                }
+                StatusPoints::Register {
+                    point,
+                    values: StatusValues {
+                        normal: v.normal.into_iter().collect(),
+                        alarm: v.alarm.into_iter().collect(),
+                        pre_alarm: v.pre_alarm.into_iter().collect(),
+                        fault: v.fault.into_iter().collect(),
+                        test: v.test.into_iter().collect(),
+                    },
+                }
+            }
+            (None, Some(alarm)) => {
+                let bit = |v: &mut Self, k: &str, p: RawPoint| {
+                    v.point(
+                        &format!("{key}.{k}"),
+                        p.table,
+                        p.address,
+                        p.every,
+                        true,
+                        true,
+                    )
+                };
+                StatusPoints::Bits {
+                    alarm: bit(self, "alarm", alarm),
+                    fault: raw.fault.map(|p| bit(self, "fault", p)),
+                    mounted: raw.mounted.map(|p| bit(self, "mounted", p)),
+                }
+            }
+            (Some(_), Some(_)) => {
+                self.problem(
+                    &key,
+                    "a profile has either a `status` register or an `alarm` bit, not both",
+                );
+                SmokeProfile::generic_smoke().status
+            }
+            (None, None) => {
+                self.problem(
+                    &key,
+                    "a profile needs a `status` register or an `alarm` bit",
+                );
+                SmokeProfile::generic_smoke().status
+            }
+        };
+        let density = raw.smoke_density.map(|d| {
+            let k = format!("{key}.smoke_density");
+            let point = self.point(&k, d.table, d.address, d.every, false, false);
+            let scale = d.scale.unwrap_or(1.0);
+            if !(scale.is_finite() && scale > 0.0) {
+                self.problem(
+                    format!("{k}.scale"),
+                    "must be a positive number (dB/m per count)",
+                );
+            }
+            #[allow(clippy::cast_possible_truncation)] // A scale is a small factor.
+            (point, scale as f32)
+        });
+        let fault_bits = raw.fault_bits.map(|p| {
+            self.point(
+                &format!("{key}.fault_bits"),
+                p.table,
+                p.address,
+                p.every,
+                false,
+                true,
+            )
+        });
+        let heartbeat = raw.heartbeat.map(|p| {
+            self.point(
+                &format!("{key}.heartbeat"),
+                p.table,
+                p.address,
+                p.every,
+                false,
+                false,
+            )
+        });
+        let remote_reset_register = raw.remote_reset.map(|r| {
+            let k = format!("{key}.remote_reset");
+            if r.value != 1 {
+                self.problem(
+                    format!("{k}.value"),
+                    format!(
+                        "only 1 is supported (the gateway writes 1 on reset), not {}",
+                        r.value
+                    ),
+                );
+            }
+            self.address(&format!("{k}.address"), r.address)
+        });
+        let heartbeat_timeout = match (&heartbeat, raw.heartbeat_timeout.as_deref()) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                self.problem(
+                    format!("{key}.heartbeat_timeout"),
+                    "the profile has no heartbeat register",
+                );
+                None
+            }
+            (Some(h), s) => {
+                let k = format!("{key}.heartbeat_timeout");
+                let t = self.duration(&k, s, GENERIC_HEARTBEAT_TIMEOUT);
+                if !(Duration::from_secs(2)..=Duration::from_secs(3600)).contains(&t) {
+                    self.problem(&k, "must be between 2s and 1h");
+                }
+                self.heartbeat_often_enough(&format!("{key}.heartbeat.every"), h.every, t);
+                Some(t)
+            }
+        };
+        let profile = SmokeProfile {
+            name: name.to_owned(),
+            status,
+            density,
+            fault_bits,
+            heartbeat,
+            remote_reset_register,
+            heartbeat_timeout,
+            register_count: 0,
+        }
+        .with_register_count();
+        // The worst-case budget counts one request per detector per cycle.
+        if crate::field::profile::alarm_plan(&profile).len() > 1 {
+            self.problem(
+                &key,
+                format!(
+                    "the alarm and fault points need more than one request per cycle; put them in one table within {} registers (or bits) of each other",
+                    crate::field::profile::MERGE_GAP
+                ),
+            );
+        }
+        profile
+    }
+
+    /// A point; `bits` = the point must be in a bit table (else a register table);
+    /// `every_cycle` = alarm or fault: `every` must be 1.
+    fn point(
+        &mut self,
+        key: &str,
+        table: RawTable,
+        address: i64,
+        every: Option<i64>,
+        bits: bool,
+        every_cycle: bool,
+    ) -> Point {
+        let table = Table::from(table);
+        if table.is_bits() != bits {
+            self.problem(
+                format!("{key}.table"),
+                if bits {
+                    format!(
+                        "a bit point is in \"discrete_input\" or \"coil\", not {:?}",
+                        table.name()
+                    )
+                } else {
+                    format!(
+                        "a register point is in \"input\" or \"holding\", not {:?}",
+                        table.name()
+                    )
+                },
+            );
+        }
+        let address = self.address(&format!("{key}.address"), address);
+        let every = match every {
+            None => 1,
+            Some(n @ 1..=1000) => u16::try_from(n).unwrap_or(1),
+            Some(n) => {
+                self.problem(
+                    format!("{key}.every"),
+                    format!("{n} is outside 1..=1000 scan cycles"),
+                );
+                1
+            }
+        };
+        if every_cycle && every != 1 {
+            self.problem(
+                format!("{key}.every"),
+                "alarm and fault points are read every scan cycle (every = 1)",
+            );
+        }
+        Point {
+            table,
+            address,
+            every,
+        }
+    }
+
+    fn address(&mut self, key: &str, address: i64) -> u16 {
+        u16::try_from(address).unwrap_or_else(|_| {
+            self.problem(key, format!("address {address} is outside 0..=65535"));
+            0
+        })
+    }
+
+    /// A heartbeat read every `every` cycles must be read at least once within `timeout` even
+    /// at the longest scan cycle allowed, or a live heartbeat could look frozen.
+    fn heartbeat_often_enough(&mut self, key: &str, every: u16, timeout: Duration) {
+        if every > 1 && WORST_SCAN_CYCLE * u32::from(every) >= timeout {
+            self.problem(
+                key,
+                format!(
+                    "a heartbeat read every {every} scan cycles (up to {} s each) may not be read within its timeout of {} s; read it more often",
+                    WORST_SCAN_CYCLE.as_secs(),
+                    timeout.as_secs()
+                ),
+            );
+        }
+    }
+
     fn config(&mut self, raw: RawConfig) -> Option<Config> {
         let gateway = self.gateway(raw.gateway);
         let uplink = self.uplink(raw.uplink, &gateway.id);
@@ -915,6 +1223,15 @@ impl Validator {
             }
         };
 
+        let profiles: HashMap<String, SmokeProfile> = raw
+            .profile
+            .into_iter()
+            .map(|(name, p)| {
+                let profile = self.smoke_profile(&name, p);
+                (name, profile)
+            })
+            .collect();
+
         let mut detectors = Vec::new();
         for (i, d) in raw.detector.into_iter().enumerate() {
             let key = format!("detector[{i}]");
@@ -924,11 +1241,13 @@ impl Validator {
             claim(self, &format!("{key}.unit"), bus, unit, &d.id);
             let profile = if d.profile == "generic-smoke" {
                 SmokeProfile::generic_smoke()
+            } else if let Some(p) = profiles.get(&d.profile) {
+                p.clone()
             } else {
                 self.problem(
                     format!("{key}.profile"),
                     format!(
-                        "unknown smoke detector profile {:?}; built in: \"generic-smoke\"",
+                        "unknown smoke detector profile {:?}; built in: \"generic-smoke\", or a [profile.NAME] table",
                         d.profile
                     ),
                 );
@@ -945,8 +1264,9 @@ impl Validator {
                     if !(Duration::from_secs(2)..=Duration::from_secs(3600)).contains(&t) {
                         self.problem(&k, "must be between 2s and 1h");
                     }
-                    if profile.heartbeat_offset.is_none() {
-                        self.problem(&k, "the profile has no heartbeat register");
+                    match profile.heartbeat {
+                        None => self.problem(&k, "the profile has no heartbeat register"),
+                        Some(h) => self.heartbeat_often_enough(&k, h.every, t),
                     }
                     Some(t)
                 }
@@ -1834,6 +2154,90 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
         let text = include_str!("../config/gateway.example.toml");
         let c = check(text).unwrap();
         assert!(!c.detectors.is_empty());
+        let calectro = &c
+            .detectors
+            .iter()
+            .find(|d| d.id.0 == "B-101")
+            .unwrap()
+            .profile;
+        assert_eq!(calectro.name, "calectro-ug3");
+        assert_eq!(
+            crate::field::profile::alarm_plan(calectro),
+            vec![crate::field::profile::Block {
+                table: Table::DiscreteInput,
+                address: 0,
+                count: 3
+            }]
+        );
+    }
+
+    const SLOW: &str = r#"
+[profile.slow]
+status = { table = "input", address = 0, values = { normal = 0, alarm = 1, fault = 2, pre_alarm = 3, test = 4 } }
+smoke_density = { table = "input", address = 1, scale = 0.01, every = 4 }
+fault_bits = { table = "input", address = 2 }
+heartbeat = { table = "input", address = 3, every = 4 }
+remote_reset = { address = 16, value = 1 }
+"#;
+
+    #[test]
+    fn a_profile_table_equivalent_to_generic_smoke_decodes_the_same_points() {
+        let text = GOOD.replace("zone = \"A\"\n", "zone = \"A\"\nprofile = \"slow\"\n");
+        let c = check(&format!("{text}{SLOW}")).unwrap();
+        let p = &c.detectors[0].profile;
+        let g = SmokeProfile::generic_smoke();
+        assert_eq!(p.status, g.status);
+        assert_eq!(p.fault_bits, g.fault_bits);
+        assert_eq!(p.heartbeat.map(|h| (h.address, h.every)), Some((3, 4)));
+        assert_eq!(
+            p.density.map(|(d, s)| (d.address, d.every, s)),
+            Some((1, 4, 0.01))
+        );
+        assert_eq!(p.remote_reset_register, Some(16));
+        assert_eq!(
+            c.detectors[0].heartbeat_timeout,
+            Some(GENERIC_HEARTBEAT_TIMEOUT)
+        );
+        assert_eq!(p.register_count, 4);
+    }
+
+    #[test]
+    fn bad_profile_tables_are_refused_with_their_keys_and_lines() {
+        let bad = r#"
+[profile.bad]
+status = { table = "input", address = 0, every = 2, values = { normal = 0, fault = 0 } }
+fault_bits = { table = "discrete_input", address = 70000 }
+heartbeat = { table = "input", address = 3, every = 6 }
+remote_reset = { address = 0, value = 234 }
+
+[profile.far]
+alarm = { table = "discrete_input", address = 2 }
+fault = { table = "input", address = 2 }
+"#;
+        let e = check(&format!("{GOOD}{bad}")).unwrap_err();
+        let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "profile.bad.status.every",
+            "profile.bad.status.values",
+            "profile.bad.fault_bits.table",
+            "profile.bad.fault_bits.address",
+            "profile.bad.heartbeat.every",
+            "profile.bad.remote_reset.value",
+            "profile.far.fault.table",
+            "profile.far",
+        ] {
+            assert!(keys.contains(&want), "{want} missing: {e}");
+        }
+        assert!(e.problems.iter().all(|p| p.line.is_some()), "{e}");
+        assert!(e.to_string().contains("every scan cycle"), "{e}");
+
+        let unknown = "[profile.x]\nalarm = { table = \"coil\", address = 0, evry = 2 }\n";
+        let e = check(&format!("{GOOD}{unknown}")).unwrap_err();
+        assert!(e.problems[0].message.contains("evry"), "{e}");
+
+        let missing = GOOD.replace("zone = \"A\"\n", "zone = \"A\"\nprofile = \"nope\"\n");
+        let e = check(&missing).unwrap_err();
+        assert_eq!(e.problems[0].key, "detector[0].profile", "{e}");
     }
 
     #[test]

@@ -32,6 +32,11 @@
 //!   one immediate re-read of the same unit agrees (per detector, [`PolledDetector::confirm_alarm`]);
 //!   otherwise the re-read is what is reported. One corrupted reply cannot sound a village, and
 //!   the confirmation costs one transaction, not one scan cycle.
+//! - **Read plan.** Each detector is read with its profile's plan for the cycle
+//!   ([`profile::plan_cycle`]): the alarm and fault points every cycle, first; slow points
+//!   (`every = N`) in their cycles, their last values reported in between. A probe, or a
+//!   detector whose slow points were never read, reads every point. `generic-smoke` is one FC04
+//!   of registers 0..3 in every cycle, as before.
 //! - **Output read-back.** Every `readback_interval` each relay module's coils are read (FC01)
 //!   and compared with the wanted levels. A mismatch or a failed read is reported as a failed
 //!   [`FieldReport::OutputWritten`] and the coil is written again at once.
@@ -51,7 +56,7 @@ use tracing::{debug, info, warn};
 
 use super::frame::{Request, Response};
 use super::link::{self, Link, LinkCounters, LinkSettings, LinkStats};
-use super::profile;
+use super::profile::{self, Block, BlockData};
 use crate::config::SmokeProfile;
 use crate::event::{DetectorReading, DetectorStatus, UnitId};
 
@@ -261,6 +266,9 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
     let mut last_alarm = vec![false; detectors.len()];
     let mut backoff = Duration::from_millis(200);
     let bus = name.as_str();
+    // Scan cycles started, for the slow points' schedule (`profile::is_due`).
+    let mut cycle: u64 = 0;
+    let mut kept = vec![Kept::default(); detectors.len()];
 
     while !shutdown.is_cancelled() {
         let cycle_start = Instant::now();
@@ -306,6 +314,7 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
             }
         }
         let Some(l) = link.as_mut() else { continue };
+        cycle = cycle.wrapping_add(1);
         for c in &mut coils {
             c.failed = None;
         }
@@ -336,10 +345,23 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
             if out_of_scan {
                 stats.probes += 1;
             }
-            let (mut report, mut io_failed) = poll(l, d, bus).await;
+            // A probe, or a detector whose slow points were never read, reads every point.
+            let blocks = if out_of_scan || kept[k].incomplete(&d.profile) {
+                profile::plan_points(&d.profile.points())
+            } else {
+                profile::plan_cycle(&d.profile, cycle, d.unit)
+            };
+            let (mut report, mut io_failed) = poll(l, d, bus, &blocks, &mut kept[k]).await;
             if d.confirm_alarm && !io_failed && !last_alarm[k] && is_alarm(&report) {
-                // One immediate re-read before the alarm counts.
-                let (second, failed) = poll(l, d, bus).await;
+                // One immediate re-read before the alarm counts: of this cycle's blocks, those
+                // with alarm or fault points (generic-smoke: the same FC04 of registers 0..3).
+                let alarm_points = d.profile.alarm_points();
+                let alarm_blocks: Vec<Block> = blocks
+                    .iter()
+                    .filter(|b| alarm_points.iter().any(|p| b.covers(p)))
+                    .copied()
+                    .collect();
+                let (second, failed) = poll(l, d, bus, &alarm_blocks, &mut kept[k]).await;
                 if !is_alarm(&second) {
                     warn!(
                         bus,
@@ -588,38 +610,97 @@ async fn service_outputs(
     Ok(())
 }
 
-/// One poll of detector `d`: its report, and whether the port itself failed (I/O error).
-async fn poll(link: &mut Link, d: &PolledDetector, bus: &str) -> (FieldReport, bool) {
-    let request = Request::ReadInputRegisters {
-        address: d.profile.first_register,
-        count: d.profile.register_count,
-    };
+/// The slow values (density, heartbeat) last read from a detector, reported in the cycles
+/// they are not read.
+///
+/// Keeping the heartbeat's last value (rather than reporting none) keeps the engine's
+/// frozen-heartbeat timer running between reads: the engine resets that timer on a reading
+/// without a heartbeat, so a frozen heartbeat read every Nth cycle would never be found. A
+/// live heartbeat is seen to move at each read, and config validation makes sure it is read
+/// well within its timeout (`config::Validator::heartbeat_often_enough`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Kept {
+    density: Option<f32>,
+    heartbeat: Option<u16>,
+}
+
+impl Kept {
+    /// Whether a slow point of `p` has never been read (then the poll reads every point).
+    fn incomplete(&self, p: &SmokeProfile) -> bool {
+        (p.density.is_some() && self.density.is_none())
+            || (p.heartbeat.is_some() && self.heartbeat.is_none())
+    }
+}
+
+/// One poll of detector `d` reading `blocks` (see [`profile::plan_cycle`]): its report, and
+/// whether the port itself failed (I/O error). The blocks with alarm or fault points are read
+/// first, and one that fails makes the poll a miss (so a dead unit costs one timeout); a failed
+/// block of slow points leaves their last values and ends the poll's slow reads.
+async fn poll(
+    link: &mut Link,
+    d: &PolledDetector,
+    bus: &str,
+    blocks: &[Block],
+    kept: &mut Kept,
+) -> (FieldReport, bool) {
     let missed = |reason: String| FieldReport::Missed {
         detector: d.index,
         reason,
     };
-    match link.call(d.unit, &request).await {
-        Ok(Ok(Response::Registers(regs))) => match profile::decode(&d.profile, &regs) {
-            Ok(reading) => (
+    let alarm_points = d.profile.alarm_points();
+    let essential = |b: &Block| alarm_points.iter().any(|p| b.covers(p));
+    let mut ordered: Vec<&Block> = blocks.iter().collect();
+    ordered.sort_by_key(|b| !essential(b));
+    let mut read = Vec::with_capacity(blocks.len());
+    for block in ordered {
+        let data = match link.call(d.unit, &block.request()).await {
+            Ok(Ok(Response::Registers(regs))) => Ok(BlockData::Registers(regs)),
+            Ok(Ok(Response::Bits(bits))) => Ok(BlockData::Bits(bits)),
+            Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
+            Ok(Err(exception)) => Err(format!("exception: {exception}")),
+            Err(link::Error::Io(e)) => {
+                warn!(bus, error = %e, "Bus I/O failed; reopening.");
+                return (missed(format!("bus I/O error: {e}")), true);
+            }
+            Err(e) => {
+                debug!(bus, unit = d.unit.0, error = %e, "Poll failed.");
+                Err(e.to_string())
+            }
+        };
+        match data {
+            Ok(data) => read.push((*block, data)),
+            Err(reason) if essential(block) => {
+                return (missed(reason), false);
+            }
+            Err(reason) => {
+                debug!(bus, unit = d.unit.0, error = %reason, "Slow points not read; keeping their last values.");
+                break;
+            }
+        }
+    }
+    match profile::decode(&d.profile, &read) {
+        Ok(decoded) => {
+            if decoded.smoke_db_per_m.is_some() {
+                kept.density = decoded.smoke_db_per_m;
+            }
+            if decoded.heartbeat.is_some() {
+                kept.heartbeat = decoded.heartbeat;
+            }
+            (
                 FieldReport::Reading {
                     detector: d.index,
-                    reading,
+                    reading: DetectorReading {
+                        status: decoded.status,
+                        smoke_db_per_m: kept.density,
+                        fault_bits: decoded.fault_bits.unwrap_or(0),
+                        heartbeat: kept.heartbeat,
+                    },
                     at: Instant::now(),
                 },
                 false,
-            ),
-            Err(e) => (missed(e.to_string()), false),
-        },
-        Ok(Ok(other)) => (missed(format!("unexpected reply {other:?}")), false),
-        Ok(Err(exception)) => (missed(format!("exception: {exception}")), false),
-        Err(link::Error::Io(e)) => {
-            warn!(bus, error = %e, "Bus I/O failed; reopening.");
-            (missed(format!("bus I/O error: {e}")), true)
+            )
         }
-        Err(e) => {
-            debug!(bus, unit = d.unit.0, error = %e, "Poll failed.");
-            (missed(e.to_string()), false)
-        }
+        Err(e) => (missed(e.to_string()), false),
     }
 }
 

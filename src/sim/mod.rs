@@ -64,6 +64,11 @@ pub enum SimProfile {
     /// `generic-door`: input registers 0..=6 (contact, FIFO depth and head), coil 0 (lock
     /// release), holding register 32 (FIFO pop).
     Door,
+    /// A smoke detector that reports on discrete inputs like the Calectro UG-3-O-MB-R
+    /// (`shared/devices/smoke_detector.toml`): 0 = head mounted (clear in [`SmokeState::Fault`]),
+    /// 1 = service alarm (never set), 2 = smoke alarm, 3 = relay (follows the alarm); holding
+    /// register 0 (alarm reset). No input registers.
+    SmokeBits,
 }
 
 /// What a simulated smoke detector reports (status register values of `generic-smoke`).
@@ -168,6 +173,8 @@ struct Unit {
     /// Fault injection: the next this-many reads of the input registers report alarm (a
     /// corrupted status that passed the CRC), then the real state again.
     alarm_glitch: u32,
+    /// How many answered FC04 requests covered each input register (for tests of read plans).
+    input_reads: BTreeMap<u16, u64>,
 }
 
 impl Unit {
@@ -176,6 +183,7 @@ impl Unit {
             SimProfile::Smoke => (0, 0, &[16]),
             SimProfile::Relay => (8, 8, &[]),
             SimProfile::Door => (1, 0, &[32]),
+            SimProfile::SmokeBits => (0, 4, &[0]),
         };
         Unit {
             profile,
@@ -189,6 +197,7 @@ impl Unit {
             corrupt_replies: false,
             frozen_heartbeat: None,
             alarm_glitch: 0,
+            input_reads: BTreeMap::new(),
         }
     }
 
@@ -207,7 +216,7 @@ impl Unit {
             }
             // Contact closed, FIFO empty: depth, head seq, card (2 words), kind, age.
             SimProfile::Door => vec![0; 7],
-            SimProfile::Relay => Vec::new(),
+            SimProfile::Relay | SimProfile::SmokeBits => Vec::new(),
         }
     }
 }
@@ -276,7 +285,10 @@ impl Simulator {
     /// [`SimChange::SmokeChanged`] when it changes.
     pub fn set_smoke(&self, unit: UnitId, state: SmokeState) {
         let changed = match self.state().units.get_mut(&unit.0) {
-            Some(u) if u.profile == SimProfile::Smoke && u.smoke != state => {
+            Some(u)
+                if matches!(u.profile, SimProfile::Smoke | SimProfile::SmokeBits)
+                    && u.smoke != state =>
+            {
                 u.smoke = state;
                 true
             }
@@ -402,6 +414,16 @@ impl Simulator {
             .units
             .get(&unit.0)
             .and_then(|u| u.coils.get(usize::from(address)).copied())
+    }
+
+    /// How many answered FC04 requests read input register `address` of `unit` (0 for an
+    /// unknown unit).
+    pub fn input_register_reads(&self, unit: UnitId, address: u16) -> u64 {
+        self.state()
+            .units
+            .get(&unit.0)
+            .and_then(|u| u.input_reads.get(&address).copied())
+            .unwrap_or(0)
     }
 
     /// The value of holding register `address` of `unit`, if it exists.
@@ -795,12 +817,19 @@ fn apply(u: &mut Unit, req: &Request, heartbeat: u16, changed: &mut dyn FnMut(Si
             Ok(Response::Bits(u.coils[r].to_vec()))
         }
         Request::ReadDiscreteInputs { address, count } => {
+            if u.profile == SimProfile::SmokeBits {
+                let alarm = u.smoke == SmokeState::Alarm;
+                u.inputs = vec![u.smoke != SmokeState::Fault, false, alarm, alarm];
+            }
             let r = range(*address, usize::from(*count), u.inputs.len())?;
             Ok(Response::Bits(u.inputs[r].to_vec()))
         }
         Request::ReadInputRegisters { address, count } => {
             let regs = u.input_registers(heartbeat);
             let r = range(*address, usize::from(*count), regs.len())?;
+            for a in *address..address.saturating_add(*count) {
+                *u.input_reads.entry(a).or_default() += 1;
+            }
             Ok(Response::Registers(regs[r].to_vec()))
         }
         Request::ReadHoldingRegisters { address, count } => {
