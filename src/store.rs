@@ -1,7 +1,8 @@
 //! The outbox: every event the gateway produced and upstream has not acknowledged yet, in sled.
 //!
 //! The store owns the sled database (`<state_dir>/outbox`) and nothing else touches it. The
-//! uplink reads [`Store::pending`] and calls [`Store::remove`] after a PUBACK; the daemon calls
+//! uplink reads [`Store::pending`] / [`Store::pending_after`] and calls [`Store::remove_acked`]
+//! after PUBACKs; the daemon calls
 //! [`Store::append`] for every event and [`Store::flush`] at shutdown.
 //!
 //! Invariants:
@@ -41,7 +42,10 @@
 //!   (fire and fault) first, then lane 1 (access), then lane 2 (routine), each in seq (FIFO) order.
 //! - **Removal only by seq, idempotent.** [`Store::remove`] of an unknown seq is not an error
 //!   (duplicate PUBACKs after a reconnect are normal). The highest removed seq is kept as the
-//!   last acknowledged seq ([`OutboxStats::last_acked`]).
+//!   last acknowledged seq ([`OutboxStats::last_acked`]). [`Store::remove`] tries the three
+//!   lanes (the key starts with the lane); [`Store::remove_acked`] takes the lanes from the
+//!   caller (the uplink knows each event's kind) and removes a batch with one sled remove per
+//!   event, still single-key writes.
 //! - **Disk budget** ([`Settings::max_bytes`], `[store] max_bytes`). The budget counts the
 //!   *logical* bytes of the waiting records: key (9 bytes) plus encoded value, per record. Not
 //!   sled's file size: sled is log-structured, its files do not shrink right after a delete
@@ -96,6 +100,7 @@
 //! Not done here (yet): card lists, quarantining a database that fails *after* opening.
 
 use std::fs::{File, OpenOptions};
+use std::ops::Bound;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -764,10 +769,38 @@ impl Store {
     /// # Errors
     /// sled failed while reading or quarantining.
     pub fn pending(&self, limit: usize) -> Result<Vec<(Seq, Event)>, Error> {
+        self.pending_after(None, limit)
+    }
+
+    /// Like [`Store::pending`], but only the events after `after` in drain order: the rest of
+    /// `after`'s lane (higher seqs), then the later lanes. A cursor for a reader that has the
+    /// events up to `after` already (the uplink's read-ahead), so it does not decode them again.
+    /// Events of earlier lanes, or of `after`'s lane with a lower seq, are not looked at: the
+    /// caller must rescan from the head (`after = None`) when such events may exist.
+    ///
+    /// # Errors
+    /// sled failed while reading or quarantining.
+    pub fn pending_after(
+        &self,
+        after: Option<(Lane, Seq)>,
+        limit: usize,
+    ) -> Result<Vec<(Seq, Event)>, Error> {
         let durable = self.inner.durable.load(Ordering::SeqCst);
         let mut out = Vec::with_capacity(limit.min(1024));
         for lane in LANES {
-            for item in self.inner.outbox.scan_prefix([lane as u8]) {
+            let items = match after {
+                Some((l, _)) if lane < l => continue,
+                Some((l, seq)) if lane == l => {
+                    // The rest of the lane: keys above `after`'s, below the next lane's first.
+                    let from = key(lane, seq);
+                    let to = [lane as u8 + 1];
+                    self.inner
+                        .outbox
+                        .range::<&[u8], _>((Bound::Excluded(&from[..]), Bound::Excluded(&to[..])))
+                }
+                _ => self.inner.outbox.scan_prefix([lane as u8]),
+            };
+            for item in items {
                 if out.len() >= limit {
                     return Ok(out);
                 }
@@ -784,6 +817,12 @@ impl Store {
         Ok(out)
     }
 
+    /// Events waiting in `lane` (the in-memory counter: no disk access). Counts events not yet
+    /// durable too.
+    pub fn lane_depth(&self, lane: Lane) -> u64 {
+        self.inner.lanes[lane as usize].depth.load(Ordering::SeqCst)
+    }
+
     /// Removes the event `seq` (after its PUBACK) and records it as acknowledged. Removing an
     /// unknown seq is a no-op. Durable within the flush interval (a crash before that brings
     /// the event back, to be sent again).
@@ -791,25 +830,66 @@ impl Store {
     /// # Errors
     /// sled failed.
     pub fn remove(&self, seq: Seq) -> Result<(), Error> {
-        let inner = &*self.inner;
         // The key starts with the lane, which the caller does not know: try the three.
         for lane in LANES {
-            if let Some(old) = inner.outbox.remove(&key(lane, seq)[..])? {
-                let c = &inner.lanes[lane as usize];
-                c.depth.fetch_sub(1, Ordering::SeqCst);
-                c.bytes
-                    .fetch_sub(KEY_BYTES + old.len() as u64, Ordering::SeqCst);
-                inner
-                    .last_acked_ms
-                    .store(unix_ms(SystemTime::now()), Ordering::SeqCst);
-                inner.last_acked.fetch_max(seq.0, Ordering::SeqCst);
-                // Written by the next flush: one record per flush, not one per PUBACK.
-                inner.acked_dirty.store(true, Ordering::SeqCst);
-                inner.flusher.mark_dirty();
-                return Ok(());
+            if self.remove_one(lane, seq)? {
+                self.acked_removed();
+                break;
             }
         }
         Ok(())
+    }
+
+    /// Like [`Store::remove`] for several acknowledged events whose lanes the caller knows
+    /// (the uplink: an event's lane follows from its kind): one sled remove per event, no
+    /// lookups in the other lanes. An event given with a wrong lane is not removed (it stays,
+    /// to be sent again: a duplicate, never a loss). Unknown seqs are no-ops. Each removal is
+    /// its own single-key write, in the given order (module doc, "Write order").
+    ///
+    /// # Errors
+    /// sled failed; the events before the failing one are removed.
+    pub fn remove_acked(&self, acked: &[(Lane, Seq)]) -> Result<(), Error> {
+        let mut result = Ok(());
+        let mut removed = false;
+        for &(lane, seq) in acked {
+            match self.remove_one(lane, seq) {
+                Ok(r) => removed |= r,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if removed {
+            self.acked_removed();
+        }
+        result
+    }
+
+    /// Removes one outbox record; updates the counters and the last acknowledged seq. True if
+    /// it was there.
+    fn remove_one(&self, lane: Lane, seq: Seq) -> Result<bool, Error> {
+        let inner = &*self.inner;
+        let Some(old) = inner.outbox.remove(&key(lane, seq)[..])? else {
+            return Ok(false);
+        };
+        let c = &inner.lanes[lane as usize];
+        c.depth.fetch_sub(1, Ordering::SeqCst);
+        c.bytes
+            .fetch_sub(KEY_BYTES + old.len() as u64, Ordering::SeqCst);
+        inner.last_acked.fetch_max(seq.0, Ordering::SeqCst);
+        Ok(true)
+    }
+
+    /// After removals: the time of the last acknowledgement, and a flush to come (which writes
+    /// the last acknowledged seq: one record per flush, not one per PUBACK).
+    fn acked_removed(&self) {
+        let inner = &*self.inner;
+        inner
+            .last_acked_ms
+            .store(unix_ms(SystemTime::now()), Ordering::SeqCst);
+        inner.acked_dirty.store(true, Ordering::SeqCst);
+        inner.flusher.mark_dirty();
     }
 
     /// Depth and bytes per lane, oldest waiting event time, last assigned and acknowledged seq.
@@ -1439,6 +1519,79 @@ mod tests {
         let stats = store.stats().unwrap();
         assert_eq!(stats.depth, 1);
         assert_eq!(stats.oldest, Some(UNIX_EPOCH + Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn pending_after_continues_from_a_cursor_into_the_later_lanes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(dir.path(), manual_flush()).unwrap();
+        let kinds = [
+            EventKind::GatewayStarted,
+            EventKind::AccessGranted,
+            EventKind::FireAlarm,
+            EventKind::DoorForced,
+            EventKind::DeviceOffline,
+        ];
+        for (i, k) in kinds.iter().enumerate() {
+            store.append(&event(*k, i as u64)).unwrap();
+        }
+        let after = |cursor, limit| -> Vec<u64> {
+            store
+                .pending_after(cursor, limit)
+                .unwrap()
+                .iter()
+                .map(|(s, _)| s.0)
+                .collect()
+        };
+        // Drain order: 3, 5 (lane 0), 2, 4 (lane 1), 1 (lane 2).
+        assert_eq!(after(None, 10), vec![3, 5, 2, 4, 1]);
+        assert_eq!(after(Some((Lane::Urgent, Seq(3))), 10), vec![5, 2, 4, 1]);
+        assert_eq!(after(Some((Lane::Urgent, Seq(5))), 2), vec![2, 4]);
+        assert_eq!(after(Some((Lane::Access, Seq(2))), 10), vec![4, 1]);
+        assert_eq!(after(Some((Lane::Access, Seq(4))), 10), vec![1]);
+        assert_eq!(after(Some((Lane::Routine, Seq(1))), 10), Vec::<u64>::new());
+        // A cursor on a removed event still continues after it.
+        store.remove(Seq(2)).unwrap();
+        assert_eq!(after(Some((Lane::Access, Seq(2))), 10), vec![4, 1]);
+        // Not durable: left out, in the cursor's lane too.
+        let late = store.append(&event(EventKind::DoorHeld, 9)).unwrap();
+        assert_eq!(after(Some((Lane::Access, Seq(4))), 10), vec![1]);
+        store.flush().unwrap();
+        assert_eq!(after(Some((Lane::Access, Seq(4))), 10), vec![late.0, 1]);
+    }
+
+    #[test]
+    fn remove_acked_takes_events_out_of_their_lanes_and_keeps_the_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = store.append(&event(EventKind::DoorHeld, 10)).unwrap();
+        let f = store.append(&event(EventKind::FireAlarm, 20)).unwrap();
+        let b = store.append(&event(EventKind::GatewayStarted, 30)).unwrap();
+        let c = store.append(&event(EventKind::DoorHeld, 40)).unwrap();
+        store.flush().unwrap();
+        let before = store.stats().unwrap();
+        let bytes_of = |lane: usize| before.lanes[lane].bytes / before.lanes[lane].depth;
+        // A wrong lane removes nothing; unknown seqs are no-ops.
+        store
+            .remove_acked(&[(Lane::Routine, a), (Lane::Access, Seq(999))])
+            .unwrap();
+        assert_eq!(store.stats().unwrap(), before);
+        store
+            .remove_acked(&[(Lane::Access, a), (Lane::Urgent, f), (Lane::Routine, b)])
+            .unwrap();
+        assert_eq!(pending_seqs(&store), vec![c.0]);
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.depth, 1);
+        assert_eq!(stats.lanes[1].depth, 1);
+        assert_eq!(stats.lanes[1].bytes, bytes_of(1));
+        assert_eq!(stats.lanes[0].bytes + stats.lanes[2].bytes, 0);
+        assert_eq!(
+            stats.bytes,
+            before.bytes - bytes_of(0) - bytes_of(1) - bytes_of(2)
+        );
+        assert_eq!(stats.last_acked, Some(b));
+        assert_eq!(store.lane_depth(Lane::Access), 1);
+        assert_eq!(store.lane_depth(Lane::Urgent), 0);
     }
 
     #[test]

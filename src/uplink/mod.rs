@@ -18,15 +18,19 @@
 //!   from a backlog. Measured with `examples/drain_rate.rs` (figures in the README). A broker
 //!   must accept that many unacknowledged QoS 1 publishes from one client (mosquitto and
 //!   rumqttd do; a broker that caps in-flight messages lower would need a smaller window).
-//! - **Refill without rescans**: `Store::pending` has no cursor, so the next events are read
-//!   [`READ_AHEAD`] at a time into a read-ahead queue (skipping those in flight or being
-//!   removed) and published from there as PUBACKs free slots. After the daemon's wake (or a
+//! - **Refill without rescans**: the next events are read [`READ_AHEAD`] at a time into a
+//!   read-ahead queue and published from there as PUBACKs free slots. Each read continues after
+//!   the last event read (a cursor, [`Store::pending_after`]), so events in flight are not
+//!   decoded again; it starts from the head instead (skipping events in flight or being
+//!   removed) on a new connection, after the read-ahead was dropped, after a failed removal, or
+//!   while a lane before the cursor's holds events (in-memory counters, no disk access). After the daemon's wake (or a
 //!   tick) a cheap probe of the store's head drops the read-ahead if an event of an earlier lane
 //!   arrived: a fire raised during a drain goes out ahead of the rest of the backlog, behind at
 //!   most the events already in flight. (An event evicted from the store while in the
 //!   read-ahead may still be published once: a duplicate-like extra, never a loss.)
-//! - **Removal off the connection task**: after its PUBACK, a seq goes to the `outbox-remover`
-//!   thread, which calls [`Store::remove`] (sled blocks); until it is gone it is never published
+//! - **Removal off the connection task**: after its PUBACK, a seq and its lane go to the
+//!   `outbox-remover` thread, which removes them in batches with [`Store::remove_acked`]
+//!   (sled blocks); until it is gone it is never published
 //!   again. The [`UplinkTap::Acked`] tap fires after the removal.
 //! - **Reconnects**: rumqttc drops queued and in-flight QoS 1 publishes when a connection ends
 //!   (CRATES.md). So every connection gets a fresh `AsyncClient` + `EventLoop`, a clean session and
@@ -56,6 +60,7 @@ mod window;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -66,9 +71,11 @@ use tokio_util::sync::CancellationToken;
 
 use self::options::{Backoff, Topics};
 use self::window::{AckWindow, Tag};
-use crate::event::{Command, CommandKind, Event, EventKind, Seq, Status};
+use crate::event::{Command, CommandKind, Event, EventKind, Lane, Seq, Status};
 use crate::store::Store;
 
+/// The lanes, in drain order.
+const LANES_IN_ORDER: [Lane; 3] = [Lane::Urgent, Lane::Access, Lane::Routine];
 /// Events in flight at most (handed to the client, PUBACK pending). The drain rate of a backlog
 /// is at most this many events per round trip: 1000 over a 100 ms RTT bounds it at 10 000
 /// events/s (the target is 5 000/s, issue 5); on a Pi it costs about 0.5 MB of payloads.
@@ -76,9 +83,8 @@ pub const EVENT_WINDOW: usize = 1000;
 /// Refill after a PUBACK only once this many slots are free (or the window is empty): fewer
 /// wake-ups of the refill during a backlog, while the pipe stays almost full.
 const REFILL_BATCH: usize = 50;
-/// Events read from the store per read-ahead, beyond those in flight (which the store scan
-/// returns again, decoded, and the read-ahead skips: `Store::pending` has no cursor). Four
-/// windows: each event is decoded about 1.25 times per drain; about 2 MB of decoded events.
+/// Events read from the store per read-ahead (from the head: beyond those in flight, which the
+/// scan returns again and the read-ahead skips). Four windows: about 2 MB of decoded events.
 const READ_AHEAD: usize = 4 * EVENT_WINDOW;
 /// The event loop's events handled per wake-up of the connection loop.
 const EVENT_BATCH: usize = 64;
@@ -316,6 +322,11 @@ struct Link {
     /// The next events to publish, in store order, none of them in the window: read from the
     /// store [`READ_AHEAD`] at a time so a refill does not rescan what is in flight.
     ahead: VecDeque<(Seq, Event)>,
+    /// The store key of the last event the read-ahead read: the next read continues after it
+    /// ([`Store::pending_after`]) instead of decoding the window again. `None`: read from the
+    /// head. Reset whenever an event before it may be waiting unread (the read-ahead was
+    /// dropped, or an earlier lane holds events).
+    cursor: Option<(Lane, Seq)>,
     /// The last read-ahead found nothing new: do not scan again before a wake or a tick (else
     /// the tail of a drain rescans everything in flight after every PUBACK).
     exhausted: bool,
@@ -373,6 +384,7 @@ impl Uplink {
             client,
             window: AckWindow::new(EVENT_WINDOW),
             ahead: VecDeque::new(),
+            cursor: None,
             exhausted: false,
             connected: false,
             status_dirty: true,
@@ -419,6 +431,10 @@ impl Uplink {
                     }
                 }
                 Step::Removed(Some(seqs)) => {
+                    if self.remover.failed.swap(false, Ordering::SeqCst) {
+                        // Send what is still in the store again (read from the head).
+                        link.cursor = None;
+                    }
                     for seq in seqs {
                         if let Some(kind) = self.removing.remove(&seq) {
                             self.tap(UplinkTap::Acked { seq, kind });
@@ -494,7 +510,7 @@ impl Uplink {
             rumqttc::Event::Incoming(Packet::PubAck(ack)) => {
                 if let Some(Tag::Event { seq, kind }) = link.window.on_puback(ack.pkid) {
                     self.removing.insert(seq, kind);
-                    if !self.remover.remove(seq) {
+                    if !self.remover.remove(kind.lane(), seq) {
                         // What the dead thread held will never be reported: forget it, or its
                         // slots stay taken. Those events are still in the store (or gone), so
                         // at worst they are sent again: duplicates, never a loss.
@@ -563,13 +579,33 @@ impl Uplink {
         if link.exhausted {
             return false;
         }
-        // At most `in flight + removing` of the first `in flight + removing + READ_AHEAD` events
-        // are in the window or on their way out.
-        let limit = link.window.events_in_flight() + self.removing.len() + READ_AHEAD;
-        match self.store.pending(limit) {
-            Ok(pending) => link.ahead.extend(pending.into_iter().filter(|(seq, _)| {
-                !link.window.contains(*seq) && !self.removing.contains_key(seq)
-            })),
+        // The cursor skips only events of its lane and later ones: if an earlier lane holds
+        // anything (a fire during an access drain, or its own events still in flight), read
+        // from the head. The counters are in memory: no disk access.
+        if let Some((lane, _)) = link.cursor {
+            if LANES_IN_ORDER
+                .iter()
+                .any(|l| *l < lane && self.store.lane_depth(*l) > 0)
+            {
+                link.cursor = None;
+            }
+        }
+        // From the head, at most `in flight + removing` of the first `in flight + removing +
+        // READ_AHEAD` events are in the window or on their way out. After the cursor, all events
+        // up to it were read already (in the window, removing, or gone).
+        let limit = match link.cursor {
+            Some(_) => READ_AHEAD,
+            None => link.window.events_in_flight() + self.removing.len() + READ_AHEAD,
+        };
+        match self.store.pending_after(link.cursor, limit) {
+            Ok(pending) => {
+                if let Some((seq, event)) = pending.last() {
+                    link.cursor = Some((event.kind.lane(), *seq));
+                }
+                link.ahead.extend(pending.into_iter().filter(|(seq, _)| {
+                    !link.window.contains(*seq) && !self.removing.contains_key(seq)
+                }));
+            }
             Err(e) => tracing::error!(error = %e, "Cannot read the outbox."),
         }
         link.exhausted = link.ahead.is_empty();
@@ -586,6 +622,13 @@ impl Uplink {
         let Some(next_lane) = link.ahead.front().map(|(_, e)| e.kind.lane()) else {
             return;
         };
+        // The usual case during a drain: nothing waits in an earlier lane (in-memory counters).
+        if LANES_IN_ORDER
+            .iter()
+            .all(|l| *l >= next_lane || self.store.lane_depth(*l) == 0)
+        {
+            return;
+        }
         // Acknowledged events not yet removed may be of any lane: count them all.
         let before = link.window.events_in_lanes_before(next_lane) + self.removing.len();
         match self.store.pending(before + 1) {
@@ -597,6 +640,7 @@ impl Uplink {
                 });
                 if jumps_the_queue {
                     link.ahead.clear();
+                    link.cursor = None;
                 }
             }
             Err(e) => tracing::error!(error = %e, "Cannot read the outbox."),
@@ -843,30 +887,35 @@ fn envelope(event: &Event, seq: Seq, settings: &UplinkSettings) -> serde_json::R
 #[derive(Debug)]
 struct Remover {
     /// `None` if the thread could not be started: then removal happens inline.
-    tx: Option<std::sync::mpsc::Sender<Seq>>,
+    tx: Option<std::sync::mpsc::Sender<(Lane, Seq)>>,
     thread: Option<std::thread::JoinHandle<()>>,
     store: Store,
     /// For the inline fallback: where removed seqs are reported.
     done: mpsc::UnboundedSender<Vec<Seq>>,
+    /// Set when a removal failed: those events are still in the store, behind the read-ahead's
+    /// cursor, so the next read-ahead must start from the head to send them again.
+    failed: Arc<AtomicBool>,
 }
 
 impl Remover {
     fn spawn(store: Store) -> (Remover, mpsc::UnboundedReceiver<Vec<Seq>>) {
-        let (tx, rx) = std::sync::mpsc::channel::<Seq>();
+        let (tx, rx) = std::sync::mpsc::channel::<(Lane, Seq)>();
         let (done, removed) = mpsc::unbounded_channel();
+        let failed = Arc::new(AtomicBool::new(false));
         let worker = {
             let store = store.clone();
             let done = done.clone();
+            let failed = Arc::clone(&failed);
             move || {
                 while let Ok(first) = rx.recv() {
-                    let batch: Vec<Seq> = std::iter::once(first)
+                    let batch: Vec<(Lane, Seq)> = std::iter::once(first)
                         .chain(rx.try_iter().take(255))
                         .collect();
-                    for seq in &batch {
-                        remove_acknowledged(&store, *seq);
+                    if !remove_acknowledged(&store, &batch) {
+                        failed.store(true, Ordering::SeqCst);
                     }
                     // The uplink may be gone (shutting down): keep removing what is queued.
-                    let _ = done.send(batch);
+                    let _ = done.send(batch.into_iter().map(|(_, seq)| seq).collect());
                 }
             }
         };
@@ -885,23 +934,26 @@ impl Remover {
             thread,
             store,
             done,
+            failed,
         };
         (remover, removed)
     }
 
     /// Removes `seq` from the store (soon, on the remover thread). False if the thread turned
     /// out to be gone: `seq` was removed inline, but what it had queued may never be reported.
-    fn remove(&mut self, seq: Seq) -> bool {
+    fn remove(&mut self, lane: Lane, seq: Seq) -> bool {
         let mut thread_alive = true;
         if let Some(tx) = &self.tx {
-            if tx.send(seq).is_ok() {
+            if tx.send((lane, seq)).is_ok() {
                 return true;
             }
             tracing::error!("The outbox remover thread stopped; removing inline.");
             self.tx = None;
             thread_alive = false;
         }
-        remove_acknowledged(&self.store, seq);
+        if !remove_acknowledged(&self.store, &[(lane, seq)]) {
+            self.failed.store(true, Ordering::SeqCst);
+        }
         let _ = self.done.send(vec![seq]);
         thread_alive
     }
@@ -920,10 +972,16 @@ impl Remover {
     }
 }
 
-fn remove_acknowledged(store: &Store, seq: Seq) {
-    if let Err(e) = store.remove(seq) {
-        // It stays in the store and is sent again later: a duplicate, not a loss.
-        tracing::error!(seq = seq.0, error = %e, "Cannot remove an acknowledged event from the outbox.");
+/// Removes acknowledged events, their lanes known (no lookups in the other lanes). False if
+/// the store failed (then some may still be there).
+fn remove_acknowledged(store: &Store, acked: &[(Lane, Seq)]) -> bool {
+    match store.remove_acked(acked) {
+        Ok(()) => true,
+        Err(e) => {
+            // They stay in the store and are sent again later: duplicates, not a loss.
+            tracing::error!(events = acked.len(), error = %e, "Cannot remove acknowledged events from the outbox.");
+            false
+        }
     }
 }
 
