@@ -152,6 +152,21 @@ impl From<BusArgs> for commission::Target {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::CheckConfig { .. } | Command::Outbox { .. }
+    ) {
+        // These reports (no sockets, no serial ports) end quietly when their reader does (`check-config ... | head`), as
+        // other command-line tools do, instead of panicking in println!. The daemon keeps
+        // Rust's default (SIGPIPE ignored): a closed socket must be an error, not its death.
+        // SAFETY: no other thread exists yet, and SIG_DFL installs no handler code.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     village_gateway::logging::init(matches!(cli.command, Command::Demo { .. }));
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
