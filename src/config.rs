@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::engine::OutputId;
 use crate::event::{DeviceId, UnitId};
 
 /// The exit code of a bad config (sysexits `EX_CONFIG`).
@@ -634,6 +635,65 @@ struct RawPanel {
 // Loading and validation
 
 impl Config {
+    /// Every output of the config with the engine's id and its name (in logs, reports, the demo):
+    /// sounders, their fallbacks (`<id> fallback`), the panel, and the `lock_release` coil
+    /// (coil 0 of `generic-door`) of each door released on fire (named by the door's id).
+    pub fn outputs(&self) -> Vec<(OutputId, String, OutputSpec)> {
+        let mut v: Vec<(OutputId, String, OutputSpec)> = self
+            .sounders
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (OutputId::Sounder(i), s.id.0.clone(), s.output.clone()))
+            .collect();
+        for (i, s) in self.sounders.iter().enumerate() {
+            if let Some(fallback) = &s.fallback {
+                v.push((
+                    OutputId::SounderFallback(i),
+                    format!("{} fallback", s.id),
+                    fallback.clone(),
+                ));
+            }
+        }
+        let panel = [
+            (
+                OutputId::PanelFireLed,
+                "panel fire LED",
+                &self.panel.fire_led,
+            ),
+            (
+                OutputId::PanelFaultLed,
+                "panel fault LED",
+                &self.panel.fault_led,
+            ),
+            (OutputId::PanelBuzzer, "panel buzzer", &self.panel.buzzer),
+            (
+                OutputId::PanelDisablementLed,
+                "panel disablement LED",
+                &self.panel.disablement_led,
+            ),
+        ];
+        for (id, name, spec) in panel {
+            if let Some(spec) = spec {
+                v.push((id, name.to_owned(), spec.clone()));
+            }
+        }
+        for (i, d) in self.released_doors().enumerate() {
+            let lock_release = OutputSpec::Coil {
+                bus: d.bus,
+                unit: d.unit,
+                coil: 0,
+            };
+            v.push((OutputId::Door(i), d.id.0.clone(), lock_release));
+        }
+        v
+    }
+
+    /// The doors the engine releases on fire, in the order of their
+    /// [`OutputId::Door`] index.
+    pub fn released_doors(&self) -> impl Iterator<Item = &Door> {
+        self.doors.iter().filter(|d| d.release_on_fire)
+    }
+
     /// Reads and validates `path`.
     ///
     /// # Errors

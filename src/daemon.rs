@@ -165,7 +165,7 @@ pub async fn run(
             Some(InputSpec::Gpio { .. }) | None => {}
         }
     }
-    for (output, name, spec) in output_specs(&config) {
+    for (output, name, spec) in config.outputs() {
         // Start from the level the engine wants (restored alarms sound at once), never from
         // an off that would glitch a sounding relay.
         let (tx, rx) = watch::channel(engine.output(output));
@@ -601,7 +601,8 @@ fn build_engine(config: &Config) -> FireEngine {
         disablement_led: config.panel.disablement_led.is_some(),
         auto_resound: config.panel.auto_resound,
     };
-    let doors = released_doors(config)
+    let doors = config
+        .released_doors()
         .map(|d| DoorSpec {
             id: d.id.clone(),
             zone: d.zone.clone(),
@@ -615,11 +616,6 @@ fn build_engine(config: &Config) -> FireEngine {
         .map(|z| z.id.clone())
         .collect();
     FireEngine::new(detectors, sounders, panel).with_doors(doors, coincidence)
-}
-
-/// The doors the engine releases on fire, in the order of their [`OutputId::Door`] index.
-fn released_doors(config: &Config) -> impl Iterator<Item = &crate::config::Door> {
-    config.doors.iter().filter(|d| d.release_on_fire)
 }
 
 /// The engine input of an upstream command; `None` for `status`.
@@ -649,59 +645,6 @@ fn command_input(
             origin,
         }),
     })
-}
-
-/// Every output of the config with the engine's id and its name (in logs, reports, the demo):
-/// sounders, their fallbacks (`<id> fallback`), the panel, and the `lock_release` coil
-/// (coil 0 of `generic-door`) of each door released on fire (named by the door's id).
-pub fn output_specs(config: &Config) -> Vec<(OutputId, String, OutputSpec)> {
-    let mut v: Vec<(OutputId, String, OutputSpec)> = config
-        .sounders
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (OutputId::Sounder(i), s.id.0.clone(), s.output.clone()))
-        .collect();
-    for (i, s) in config.sounders.iter().enumerate() {
-        if let Some(fallback) = &s.fallback {
-            v.push((
-                OutputId::SounderFallback(i),
-                format!("{} fallback", s.id),
-                fallback.clone(),
-            ));
-        }
-    }
-    let panel = [
-        (
-            OutputId::PanelFireLed,
-            "panel fire LED",
-            &config.panel.fire_led,
-        ),
-        (
-            OutputId::PanelFaultLed,
-            "panel fault LED",
-            &config.panel.fault_led,
-        ),
-        (OutputId::PanelBuzzer, "panel buzzer", &config.panel.buzzer),
-        (
-            OutputId::PanelDisablementLed,
-            "panel disablement LED",
-            &config.panel.disablement_led,
-        ),
-    ];
-    for (id, name, spec) in panel {
-        if let Some(spec) = spec {
-            v.push((id, name.to_owned(), spec.clone()));
-        }
-    }
-    for (i, d) in released_doors(config).enumerate() {
-        let lock_release = OutputSpec::Coil {
-            bus: d.bus,
-            unit: d.unit,
-            coil: 0,
-        };
-        v.push((OutputId::Door(i), d.id.0.clone(), lock_release));
-    }
-    v
 }
 
 /// The link settings of a configured bus.

@@ -118,7 +118,8 @@ pub async fn run(
     for (b, sim) in sims.iter().enumerate() {
         let mut rx = sim.subscribe();
         let bus = config.buses[b].name.clone();
-        let names: std::collections::HashMap<(UnitId, u16), String> = daemon::output_specs(&config)
+        let names: std::collections::HashMap<(UnitId, u16), String> = config
+            .outputs()
             .into_iter()
             .filter_map(|(_, name, spec)| match spec {
                 OutputSpec::Coil { bus, unit, coil } if bus == b => Some(((unit, coil), name)),

@@ -316,38 +316,14 @@ fn load_of(config: &Config, i: usize) -> BusLoad {
         .flatten()
         .filter(|k| matches!(k, InputSpec::DiscreteInput { bus, .. } if *bus == i))
         .count();
-    // Every coil the daemon drives: sounders and their fallbacks, the panel, and the
-    // lock-release coil (0, generic-door) of each door released on fire.
-    let door_releases: Vec<OutputSpec> = config
-        .doors
-        .iter()
-        .filter(|d| d.release_on_fire)
-        .map(|d| OutputSpec::Coil {
-            bus: d.bus,
-            unit: d.unit,
-            coil: 0,
-        })
-        .collect();
-    let outputs = config
-        .sounders
-        .iter()
-        .flat_map(|s| std::iter::once(&s.output).chain(s.fallback.as_ref()))
-        .chain(
-            [
-                &config.panel.fire_led,
-                &config.panel.fault_led,
-                &config.panel.buzzer,
-                &config.panel.disablement_led,
-            ]
-            .into_iter()
-            .flatten(),
-        )
-        .chain(door_releases.iter());
+    // Every coil the daemon drives (`Config::outputs`: sounders and their fallbacks, the
+    // panel, the lock-release coil of each door released on fire).
+    let outputs = config.outputs();
     // Per relay module, the span of coils one FC01 read-back covers.
     let mut modules: BTreeMap<u8, (u16, u16)> = BTreeMap::new();
     let mut coils = 0;
-    for o in outputs {
-        if let OutputSpec::Coil { bus, unit, coil } = *o {
+    for (_, _, spec) in outputs {
+        if let OutputSpec::Coil { bus, unit, coil } = spec {
             if bus == i {
                 coils += 1;
                 let span = modules.entry(unit.0).or_insert((coil, coil));
