@@ -210,8 +210,29 @@ struct Coil {
     /// A write failed in this scan cycle: retry in the next one, so that a dead relay module
     /// costs one timeout per cycle, not one per poll. A new wanted level is tried at once.
     failed: Option<bool>,
-    /// The last write failed (for logging the change, not every retry).
+    /// The last write failed or the coil was lost (logged and reported once per streak).
     failing: bool,
+}
+
+impl Coil {
+    /// The unit no longer holds this coil at `on` (read-back) or cannot be reached: it is
+    /// written again at the next chance, and the failure is reported once per failing streak
+    /// (the engine raises `sounder.fault`; the successful rewrite clears it).
+    async fn lost(&mut self, on: bool, error: String, reports: &mpsc::Sender<FieldReport>) {
+        self.confirmed = None;
+        if std::mem::replace(&mut self.failing, true) {
+            return;
+        }
+        let _ = reports
+            .send(FieldReport::OutputWritten {
+                name: self.out.name.clone(),
+                on,
+                ok: false,
+                error: Some(error),
+                at: Instant::now(),
+            })
+            .await;
+    }
 }
 
 /// Whether a detector answers, as the scheduler sees it.
@@ -791,18 +812,7 @@ async fn read_back(
             };
             let Some(error) = error else { continue };
             warn!(bus, output = %c.out.name, error = %error, "Output read-back failed; writing it again.");
-            // Unconfirmed: the next service_outputs writes the wanted level again.
-            c.confirmed = None;
-            c.failing = true;
-            let _ = reports
-                .send(FieldReport::OutputWritten {
-                    name: c.out.name.clone(),
-                    on: wanted,
-                    ok: false,
-                    error: Some(error),
-                    at: Instant::now(),
-                })
-                .await;
+            c.lost(wanted, error, reports).await;
         }
         if let Err(link::Error::Io(e)) = result {
             return Err(e);
@@ -829,19 +839,7 @@ async fn outputs_unreachable(
     reason: &str,
 ) {
     for c in coils.iter_mut() {
-        c.confirmed = None;
-        if std::mem::replace(&mut c.failing, true) {
-            continue;
-        }
         let on = *c.out.wanted.borrow();
-        let _ = reports
-            .send(FieldReport::OutputWritten {
-                name: c.out.name.clone(),
-                on,
-                ok: false,
-                error: Some(reason.to_owned()),
-                at: Instant::now(),
-            })
-            .await;
+        c.lost(on, reason.to_owned(), reports).await;
     }
 }

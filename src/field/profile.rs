@@ -188,19 +188,7 @@ impl SmokeProfile {
 
     /// Every point of the profile that is read, the every-cycle ones first.
     pub fn points(&self) -> Vec<Point> {
-        let mut out = Vec::new();
-        match &self.status {
-            StatusPoints::Register { point, .. } => out.push(*point),
-            StatusPoints::Bits {
-                alarm,
-                fault,
-                mounted,
-            } => {
-                out.push(*alarm);
-                out.extend(fault.iter().chain(mounted.iter()).copied());
-            }
-        }
-        out.extend(self.fault_bits);
+        let mut out = self.alarm_points();
         out.extend(self.density.map(|(p, _)| p));
         out.extend(self.heartbeat);
         out
