@@ -20,18 +20,11 @@ use village_gateway::field::link::LinkStats;
 use village_gateway::field::{BusStats, FieldReport};
 use village_gateway::sim::{PtyGuard, ReplyFault, SimProfile, Simulator, SmokeState};
 
-const RELAY: UnitId = UnitId(100);
+mod common;
+use common::{village, BIN, RELAY};
+
 /// Smoke density of the unit under fault: a marker no other detector reports.
 const MARKER_DB_PER_M: f32 = 5.55;
-
-fn village(per_bus: u8) -> Simulator {
-    Simulator::new(
-        9600,
-        (1..=per_bus)
-            .map(|u| (UnitId(u), SimProfile::Smoke))
-            .chain([(RELAY, SimProfile::Relay)]),
-    )
-}
 
 /// A closed port: the uplink retries it in the background.
 fn no_broker() -> String {
@@ -554,8 +547,6 @@ async fn an_unplugged_adapter_takes_its_units_offline_and_back_without_a_restart
     assert!(stats.offline_units.is_empty(), "{stats:?}");
     gw.stop().await;
 }
-
-const BIN: &str = env!("CARGO_BIN_EXE_village-gateway");
 
 /// Runs the binary with `args`; (exit ok, stdout, stderr).
 async fn gateway_cli(args: Vec<String>) -> (bool, String, String) {

@@ -3,8 +3,8 @@
 //! broker. Alarm confirmation by a re-read, relay coil read-back, panel keys on discrete
 //! inputs, and `check-config`'s worst-case detection figure.
 //!
-//! The fixtures are this file's own (small copies of `tests/gateway.rs`'s): tests await the
-//! daemon's tap and the simulator's events, never a sleep.
+//! The fixtures are `tests/common`'s: tests await the daemon's tap and the simulator's events,
+//! never a sleep.
 
 #![cfg(feature = "embedded-broker")]
 
@@ -19,49 +19,14 @@ use village_gateway::config::{Config, InputSpec};
 use village_gateway::daemon::{self, Tap};
 use village_gateway::event::{Event, EventKind, UnitId};
 use village_gateway::field::FieldReport;
-use village_gateway::sim::{SimChange, SimEvent, SimProfile, Simulator, SmokeState};
+use village_gateway::sim::{SimChange, SimEvent, SmokeState};
 
-const BIN: &str = env!("CARGO_BIN_EXE_village-gateway");
-/// The relay module of `Config::simulated_village`: coil 0 = the sounder, 5 = the panel fire
-/// LED, 6 = fault LED, 7 = buzzer; discrete input 0 = silence key, 1 = reset key.
-const RELAY: UnitId = UnitId(100);
+mod common;
+use common::{until, written, Village, BIN, RELAY};
+
 const SILENCE_INPUT: u16 = 0;
 const RESET_INPUT: u16 = 1;
 const LIMIT: Duration = Duration::from_secs(10);
-
-/// One simulated bus on a pty (`detectors` generic smoke detectors, units 1.., and the relay
-/// module), the embedded broker, a state directory, and the config tying them together.
-struct Village {
-    sim: Simulator,
-    _pty: village_gateway::sim::PtyGuard,
-    _broker: village_gateway::broker::BrokerHandle,
-    _state: tempfile::TempDir,
-    config: Config,
-}
-
-impl Village {
-    fn on_a_pty(detectors: u8) -> Village {
-        let sim = Simulator::new(
-            9600,
-            (1..=detectors)
-                .map(|u| (UnitId(u), SimProfile::Smoke))
-                .chain([(RELAY, SimProfile::Relay)]),
-        );
-        let pty = sim.serve_pty().unwrap();
-        let broker = village_gateway::broker::start(0).unwrap();
-        let state = tempfile::tempdir().unwrap();
-        let url = format!("mqtt://127.0.0.1:{}", broker.port());
-        let config =
-            Config::simulated_village(&[pty.path().to_owned()], detectors, &url, state.path());
-        Village {
-            sim,
-            _pty: pty,
-            _broker: broker,
-            _state: state,
-            config,
-        }
-    }
-}
 
 /// The daemon running in this process, with its tap.
 struct Gateway {
@@ -80,19 +45,7 @@ impl Gateway {
 
     /// The first tap for which `f` holds; panics after [`LIMIT`].
     async fn until(&mut self, what: &str, f: impl Fn(&Tap) -> bool) -> Tap {
-        tokio::time::timeout(LIMIT, async {
-            loop {
-                match self.tap.recv().await {
-                    Ok(t) if f(&t) => return t,
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => {
-                        panic!("gateway stopped while waiting for {what}")
-                    }
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not happen within {LIMIT:?}"))
+        until(&mut self.tap, LIMIT, what, f).await
     }
 
     /// The event of `kind` (about `device`, if given) the engine raises next.
@@ -138,11 +91,6 @@ impl Gateway {
         self.stop.cancel();
         self.task.await.unwrap().unwrap();
     }
-}
-
-/// A confirmed write of `level` to the output named `output`.
-fn written(t: &Tap, output: &str, level: bool) -> bool {
-    matches!(t, Tap::Field(FieldReport::OutputWritten { name, on, ok: true, .. }) if name == output && *on == level)
 }
 
 /// A raised event of `kind`.

@@ -20,40 +20,6 @@ use village_gateway::uplink::UplinkTap;
 mod common;
 use common::*;
 
-/// One simulated bus on a pty, the embedded broker, a state directory and the config that
-/// ties them together (`Config::simulated_village`).
-struct Village {
-    sim: Simulator,
-    pty: village_gateway::sim::PtyGuard,
-    broker: village_gateway::broker::BrokerHandle,
-    state: tempfile::TempDir,
-    config: Config,
-}
-
-impl Village {
-    fn on_a_pty(detectors: u8) -> Village {
-        let sim = village(detectors);
-        let pty = sim.serve_pty().unwrap();
-        let broker = village_gateway::broker::start(0).unwrap();
-        let state = tempfile::tempdir().unwrap();
-        let url = format!("mqtt://127.0.0.1:{}", broker.port());
-        let config =
-            Config::simulated_village(&[pty.path().to_owned()], detectors, &url, state.path());
-        Village {
-            sim,
-            pty,
-            broker,
-            state,
-            config,
-        }
-    }
-}
-
-/// A field report of a confirmed write of `level` to the output `output`.
-fn written(t: &Tap, output: &str, level: bool) -> bool {
-    matches!(t, Tap::Field(FieldReport::OutputWritten { name, on, ok: true, .. }) if name == output && *on == level)
-}
-
 /// The daemon running in this process, with its tap.
 struct Gateway {
     stop: CancellationToken,
@@ -73,27 +39,6 @@ impl Gateway {
         self.stop.cancel();
         self.task.await.unwrap().unwrap();
     }
-}
-
-async fn until(
-    tap: &mut broadcast::Receiver<Tap>,
-    limit: Duration,
-    what: &str,
-    f: impl Fn(&Tap) -> bool,
-) -> Tap {
-    tokio::time::timeout(limit, async {
-        loop {
-            match tap.recv().await {
-                Ok(t) if f(&t) => return t,
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => {
-                    panic!("gateway stopped while waiting for {what}")
-                }
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what} did not happen within {limit:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

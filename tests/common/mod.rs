@@ -8,12 +8,17 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
+use village_gateway::daemon::Tap;
 use village_gateway::event::UnitId;
+use village_gateway::field::FieldReport;
 use village_gateway::sim::{SimChange, Simulator};
 // Re-exported: test files that build their own simulated buses use it with the fixtures.
 pub(crate) use village_gateway::sim::SimProfile;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_village-gateway");
+/// The relay module of `Config::simulated_village`: coil 0 = the sounder, 4 = the panel
+/// disablement LED, 5 = fire LED, 6 = fault LED, 7 = buzzer; discrete input 0 = silence key,
+/// 1 = reset key.
 pub(crate) const RELAY: UnitId = UnitId(100);
 
 pub(crate) fn village(per_bus: u8) -> Simulator {
@@ -23,6 +28,69 @@ pub(crate) fn village(per_bus: u8) -> Simulator {
             .map(|u| (UnitId(u), SimProfile::Smoke))
             .chain([(RELAY, SimProfile::Relay)]),
     )
+}
+
+/// One simulated bus on a pty (`detectors` generic smoke detectors, units 1.., and the relay
+/// module), the embedded broker, a state directory and the config that ties them together
+/// (`Config::simulated_village`).
+#[cfg(feature = "embedded-broker")]
+pub(crate) struct Village {
+    pub(crate) sim: Simulator,
+    pub(crate) pty: village_gateway::sim::PtyGuard,
+    pub(crate) broker: village_gateway::broker::BrokerHandle,
+    pub(crate) state: tempfile::TempDir,
+    pub(crate) config: village_gateway::config::Config,
+}
+
+#[cfg(feature = "embedded-broker")]
+impl Village {
+    pub(crate) fn on_a_pty(detectors: u8) -> Village {
+        let sim = village(detectors);
+        let pty = sim.serve_pty().unwrap();
+        let broker = village_gateway::broker::start(0).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let url = format!("mqtt://127.0.0.1:{}", broker.port());
+        let config = village_gateway::config::Config::simulated_village(
+            &[pty.path().to_owned()],
+            detectors,
+            &url,
+            state.path(),
+        );
+        Village {
+            sim,
+            pty,
+            broker,
+            state,
+            config,
+        }
+    }
+}
+
+/// A field report of a confirmed write of `level` to the output `output`.
+pub(crate) fn written(t: &Tap, output: &str, level: bool) -> bool {
+    matches!(t, Tap::Field(FieldReport::OutputWritten { name, on, ok: true, .. }) if name == output && *on == level)
+}
+
+/// The first tap for which `f` holds (lagged items are skipped); panics after `limit`.
+pub(crate) async fn until(
+    tap: &mut broadcast::Receiver<Tap>,
+    limit: Duration,
+    what: &str,
+    f: impl Fn(&Tap) -> bool,
+) -> Tap {
+    tokio::time::timeout(limit, async {
+        loop {
+            match tap.recv().await {
+                Ok(t) if f(&t) => return t,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => {
+                    panic!("gateway stopped while waiting for {what}")
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} did not happen within {limit:?}"))
 }
 
 /// An upstream subscriber: every event payload received, by seq (duplicates counted), and
