@@ -462,6 +462,26 @@ enum OpenFailure {
     Other(Error),
 }
 
+/// A waiting event as [`Store::pending_stored_after`] reads it for the uplink: decoded only as
+/// far as the CloudEvents envelope needs.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: Seq,
+    pub kind: EventKind,
+    pub time: SystemTime,
+    /// The event's `data` object as stored (the JSON of an [`EventData`]), verbatim.
+    pub data: Box<serde_json::value::RawValue>,
+}
+
+/// The stored form of an [`Event`] (its serde JSON: `kind`, `time` in ms since the Unix epoch,
+/// `data`), with `data` left undecoded.
+#[derive(serde::Deserialize)]
+struct StoredRecord {
+    kind: EventKind,
+    time: u64,
+    data: Box<serde_json::value::RawValue>,
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir` with the default [`Settings`].
     ///
@@ -785,6 +805,50 @@ impl Store {
         after: Option<(Lane, Seq)>,
         limit: usize,
     ) -> Result<Vec<(Seq, Event)>, Error> {
+        self.scan_after(after, limit, |v| {
+            serde_json::from_slice::<Event>(v).map_err(|e| e.to_string())
+        })
+    }
+
+    /// Like [`Store::pending_after`], but each event decoded only as far as the uplink's
+    /// envelope needs: kind and time, with `data` kept as the stored JSON object, verbatim
+    /// (about 1 µs an event less than a full decode, which a drain pays per event). A record
+    /// whose kind, time or data object cannot be read is quarantined like in
+    /// [`Store::pending`].
+    ///
+    /// # Errors
+    /// sled failed while reading or quarantining.
+    pub fn pending_stored_after(
+        &self,
+        after: Option<(Lane, Seq)>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, Error> {
+        let read = self.scan_after(after, limit, |v| {
+            let r = serde_json::from_slice::<StoredRecord>(v).map_err(|e| e.to_string())?;
+            if !r.data.get().starts_with('{') {
+                return Err("data is not a JSON object".to_owned());
+            }
+            Ok(r)
+        })?;
+        Ok(read
+            .into_iter()
+            .map(|(seq, r)| StoredEvent {
+                seq,
+                kind: r.kind,
+                time: UNIX_EPOCH + Duration::from_millis(r.time),
+                data: r.data,
+            })
+            .collect())
+    }
+
+    /// The scan behind [`Store::pending_after`]: up to `limit` durable records after `after`
+    /// in drain order, each decoded by `decode`; a record it refuses is quarantined.
+    fn scan_after<T>(
+        &self,
+        after: Option<(Lane, Seq)>,
+        limit: usize,
+        decode: impl Fn(&[u8]) -> Result<T, String>,
+    ) -> Result<Vec<(Seq, T)>, Error> {
         let durable = self.inner.durable.load(Ordering::SeqCst);
         let mut out = Vec::with_capacity(limit.min(1024));
         for lane in LANES {
@@ -805,11 +869,11 @@ impl Store {
                     return Ok(out);
                 }
                 let (k, v) = item?;
-                match (decode_key(&k), serde_json::from_slice::<Event>(&v)) {
+                match (decode_key(&k), decode(&v)) {
                     // Seq order within a lane: the rest of the lane is not durable either.
                     (Some(seq), _) if seq.0 > durable => break,
                     (Some(seq), Ok(event)) => out.push((seq, event)),
-                    (_, Err(e)) => self.quarantine(&k, &v, &e.to_string())?,
+                    (_, Err(e)) => self.quarantine(&k, &v, &e)?,
                     (None, Ok(_)) => self.quarantine(&k, &v, "bad key length")?,
                 }
             }
@@ -1638,6 +1702,41 @@ mod tests {
             .get(&key(Lane::Urgent, bad)[..])
             .unwrap()
             .is_some());
+        assert_eq!(store.stats().unwrap().depth, 2);
+    }
+
+    #[test]
+    fn the_uplinks_read_keeps_data_verbatim_and_quarantines_what_it_cannot_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut good = event(EventKind::FireAlarm, 1);
+        good.data.location = Some("A栋101室 \"east\"".to_owned());
+        store.append(&good).unwrap();
+        let mut bad = Vec::new();
+        for raw in [
+            &br#"{"kind":"no.such.kind","time":2,"data":{}}"#[..],
+            br#"{"kind":"fire.alarm","time":"soon","data":{}}"#,
+            br#"{"kind":"fire.alarm","time":3,"data":[1,2]}"#,
+            br#"{"kind":"fire.alarm","time":4}"#,
+        ] {
+            let seq = store.append(&event(EventKind::FireAlarm, 9)).unwrap();
+            store
+                .inner
+                .outbox
+                .insert(&key(Lane::Urgent, seq)[..], raw)
+                .unwrap();
+            bad.push(seq);
+        }
+        store.append(&event(EventKind::FireAlarm, 5)).unwrap();
+
+        let read = store.pending_stored_after(None, 10).unwrap();
+        let seqs: Vec<u64> = read.iter().map(|e| e.seq.0).collect();
+        assert_eq!(seqs, vec![1, 6]);
+        assert_eq!(read[0].kind, EventKind::FireAlarm);
+        assert_eq!(read[0].time, UNIX_EPOCH + Duration::from_millis(1));
+        let data: EventData = serde_json::from_str(read[0].data.get()).unwrap();
+        assert_eq!(data, good.data);
+        assert_eq!(store.quarantined(), bad.len());
         assert_eq!(store.stats().unwrap().depth, 2);
     }
 

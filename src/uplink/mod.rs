@@ -71,8 +71,8 @@ use tokio_util::sync::CancellationToken;
 
 use self::options::{Backoff, Topics};
 use self::window::{AckWindow, Tag};
-use crate::event::{Command, CommandKind, Event, EventKind, Lane, Seq, Status};
-use crate::store::Store;
+use crate::event::{Command, CommandKind, EventKind, Lane, Seq, Status};
+use crate::store::{Store, StoredEvent};
 
 /// The lanes, in drain order.
 const LANES_IN_ORDER: [Lane; 3] = [Lane::Urgent, Lane::Access, Lane::Routine];
@@ -321,7 +321,7 @@ struct Link {
     window: AckWindow,
     /// The next events to publish, in store order, none of them in the window: read from the
     /// store [`READ_AHEAD`] at a time so a refill does not rescan what is in flight.
-    ahead: VecDeque<(Seq, Event)>,
+    ahead: VecDeque<StoredEvent>,
     /// The store key of the last event the read-ahead read: the next read continues after it
     /// ([`Store::pending_after`]) instead of decoding the window again. `None`: read from the
     /// head. Reset whenever an event before it may be waiting unread (the read-ahead was
@@ -559,15 +559,15 @@ impl Uplink {
             return;
         }
         while self.free_slots(link) > 0 {
-            let Some((seq, event)) = link.ahead.pop_front() else {
+            let Some(event) = link.ahead.pop_front() else {
                 if self.read_ahead(link) {
                     continue;
                 }
                 break;
             };
-            if !self.publish_event(link, seq, &event) {
+            if !self.publish_event(link, &event) {
                 // The request channel is full: the next ack or tick tries again.
-                link.ahead.push_front((seq, event));
+                link.ahead.push_front(event);
                 break;
             }
         }
@@ -597,13 +597,13 @@ impl Uplink {
             Some(_) => READ_AHEAD,
             None => link.window.events_in_flight() + self.removing.len() + READ_AHEAD,
         };
-        match self.store.pending_after(link.cursor, limit) {
+        match self.store.pending_stored_after(link.cursor, limit) {
             Ok(pending) => {
-                if let Some((seq, event)) = pending.last() {
-                    link.cursor = Some((event.kind.lane(), *seq));
+                if let Some(event) = pending.last() {
+                    link.cursor = Some((event.kind.lane(), event.seq));
                 }
-                link.ahead.extend(pending.into_iter().filter(|(seq, _)| {
-                    !link.window.contains(*seq) && !self.removing.contains_key(seq)
+                link.ahead.extend(pending.into_iter().filter(|e| {
+                    !link.window.contains(e.seq) && !self.removing.contains_key(&e.seq)
                 }));
             }
             Err(e) => tracing::error!(error = %e, "Cannot read the outbox."),
@@ -619,7 +619,7 @@ impl Uplink {
     /// Cheap while the backlog and the window are of one lane: the store scan stops after the
     /// higher lanes' in-flight events plus one.
     fn drop_stale_read_ahead(&self, link: &mut Link) {
-        let Some(next_lane) = link.ahead.front().map(|(_, e)| e.kind.lane()) else {
+        let Some(next_lane) = link.ahead.front().map(|e| e.kind.lane()) else {
             return;
         };
         // The usual case during a drain: nothing waits in an earlier lane (in-memory counters).
@@ -631,12 +631,12 @@ impl Uplink {
         }
         // Acknowledged events not yet removed may be of any lane: count them all.
         let before = link.window.events_in_lanes_before(next_lane) + self.removing.len();
-        match self.store.pending(before + 1) {
+        match self.store.pending_stored_after(None, before + 1) {
             Ok(head) => {
-                let jumps_the_queue = head.iter().any(|(seq, e)| {
+                let jumps_the_queue = head.iter().any(|e| {
                     e.kind.lane() < next_lane
-                        && !link.window.contains(*seq)
-                        && !self.removing.contains_key(seq)
+                        && !link.window.contains(e.seq)
+                        && !self.removing.contains_key(&e.seq)
                 });
                 if jumps_the_queue {
                     link.ahead.clear();
@@ -647,8 +647,9 @@ impl Uplink {
         }
     }
 
-    fn publish_event(&self, link: &mut Link, seq: Seq, event: &Event) -> bool {
-        let payload = match envelope(event, seq, &self.settings) {
+    fn publish_event(&self, link: &mut Link, event: &StoredEvent) -> bool {
+        let seq = event.seq;
+        let payload = match envelope(event, &self.settings) {
             Ok(p) => p,
             Err(e) => {
                 // Not expected (plain data); the event stays in the store.
@@ -852,11 +853,14 @@ impl Uplink {
     }
 }
 
-/// The CloudEvents envelope of [`Event::to_cloudevent`] (the contract, DESIGN §3), serialized
-/// straight to bytes: building the `serde_json::Value` first cost about a quarter of the
-/// uplink's CPU per event during a drain. Equal as JSON to `to_cloudevent` (tested); the key
-/// order may differ, which JSON does not care about.
-fn envelope(event: &Event, seq: Seq, settings: &UplinkSettings) -> serde_json::Result<Vec<u8>> {
+/// The CloudEvents envelope of [`crate::event::Event::to_cloudevent`] (the contract, DESIGN
+/// §3), serialized straight to bytes around the stored `data` object, which is copied
+/// verbatim: building the `serde_json::Value` first cost about a quarter of the uplink's CPU
+/// per event during a drain, and decoding `data` only to encode it again about as much.
+/// Equal as JSON to `to_cloudevent` of the stored event (tested); the key order may differ,
+/// which JSON does not care about.
+fn envelope(event: &StoredEvent, settings: &UplinkSettings) -> serde_json::Result<Vec<u8>> {
+    let seq = event.seq;
     #[derive(serde::Serialize)]
     struct Envelope<'a> {
         specversion: &'static str,
@@ -867,7 +871,7 @@ fn envelope(event: &Event, seq: Seq, settings: &UplinkSettings) -> serde_json::R
         time: String,
         datacontenttype: &'static str,
         seq: u64,
-        data: &'a crate::event::EventData,
+        data: &'a serde_json::value::RawValue,
     }
     serde_json::to_vec(&Envelope {
         specversion: "1.0",

@@ -7,7 +7,7 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::broker;
-use crate::event::EventData;
+use crate::event::{Event, EventData};
 
 /// Every test ends well within this; a hang fails instead of blocking the suite.
 const TEST_DEADLINE: Duration = Duration::from_secs(30);
@@ -633,11 +633,15 @@ fn the_envelope_published_is_the_cloudevent_of_the_contract() {
             data,
         );
         let s = settings(1883);
-        let bytes = envelope(&e, Seq(42), &s).unwrap();
+        // Through the store, as the uplink reads it: `data` stays the stored JSON.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let seq = store.append(&e).unwrap();
+        store.flush().unwrap();
+        let stored = store.pending_stored_after(None, 1).unwrap();
+        assert_eq!(stored.len(), 1);
+        let bytes = envelope(&stored[0], &s).unwrap();
         let got: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(
-            got,
-            e.to_cloudevent(Seq(42), &s.gateway_id, &s.topic_prefix)
-        );
+        assert_eq!(got, e.to_cloudevent(seq, &s.gateway_id, &s.topic_prefix));
     }
 }
