@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use super::frame::{ExceptionCode, Request, Response, MAX_RTU_UNIT};
 use super::link::{self, Link, LinkSettings, LinkStats, Parity, Transport};
+use super::profile::Block;
+pub use super::profile::Table;
 use crate::event::UnitId;
 
 /// Why a commissioning command could not run or got no answer.
@@ -296,27 +298,13 @@ fn bits(b: &[bool]) -> String {
     b.iter().map(|&on| if on { '1' } else { '0' }).collect()
 }
 
-/// The Modbus table a `read` addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Table {
-    /// FC01.
-    Coil,
-    /// FC02.
-    DiscreteInput,
-    /// FC03.
-    Holding,
-    /// FC04.
-    Input,
-}
-
-impl Table {
-    fn name(self) -> &'static str {
-        match self {
-            Table::Coil => "coil",
-            Table::DiscreteInput => "discrete input",
-            Table::Holding => "holding register",
-            Table::Input => "input register",
-        }
+/// How `read` names an entry of `table` in its output (`input register 0 = ...`).
+fn entry_name(table: Table) -> &'static str {
+    match table {
+        Table::Coil => "coil",
+        Table::DiscreteInput => "discrete input",
+        Table::Holding => "holding register",
+        Table::Input => "input register",
     }
 }
 
@@ -334,12 +322,12 @@ pub async fn read(
     address: u16,
     count: u16,
 ) -> Result<(String, LinkStats), Error> {
-    let req = match table {
-        Table::Coil => Request::ReadCoils { address, count },
-        Table::DiscreteInput => Request::ReadDiscreteInputs { address, count },
-        Table::Holding => Request::ReadHoldingRegisters { address, count },
-        Table::Input => Request::ReadInputRegisters { address, count },
-    };
+    let req = Block {
+        table,
+        address,
+        count,
+    }
+    .request();
     req.validate().map_err(|e| Error::Usage(e.to_string()))?;
     let mut link = Link::open(target.settings()?).await?;
     let reply = link.call(unit, &req).await;
@@ -348,12 +336,12 @@ pub async fn read(
     match reply? {
         Ok(Response::Registers(regs)) => {
             for (a, v) in (address..).zip(regs) {
-                let _ = writeln!(out, "{} {a} = {v} ({v:#06x})", table.name());
+                let _ = writeln!(out, "{} {a} = {v} ({v:#06x})", entry_name(table));
             }
         }
         Ok(Response::Bits(bits)) => {
             for (a, on) in (address..).zip(bits) {
-                let _ = writeln!(out, "{} {a} = {}", table.name(), u8::from(on));
+                let _ = writeln!(out, "{} {a} = {}", entry_name(table), u8::from(on));
             }
         }
         Ok(other) => {
