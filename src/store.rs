@@ -1,7 +1,7 @@
 //! The outbox: every event the gateway produced and upstream has not acknowledged yet, in sled.
 //!
 //! The store owns the sled database (`<state_dir>/outbox`) and nothing else touches it. The
-//! uplink reads [`Store::pending`] / [`Store::pending_after`] and calls [`Store::remove_acked`]
+//! uplink reads [`Store::pending_stored_after`] and calls [`Store::remove_acked`]
 //! after PUBACKs; the daemon calls
 //! [`Store::append`] for every event and [`Store::flush`] at shutdown.
 //!
@@ -789,32 +789,20 @@ impl Store {
     /// # Errors
     /// sled failed while reading or quarantining.
     pub fn pending(&self, limit: usize) -> Result<Vec<(Seq, Event)>, Error> {
-        self.pending_after(None, limit)
-    }
-
-    /// Like [`Store::pending`], but only the events after `after` in drain order: the rest of
-    /// `after`'s lane (higher seqs), then the later lanes. A cursor for a reader that has the
-    /// events up to `after` already (the uplink's read-ahead), so it does not decode them again.
-    /// Events of earlier lanes, or of `after`'s lane with a lower seq, are not looked at: the
-    /// caller must rescan from the head (`after = None`) when such events may exist.
-    ///
-    /// # Errors
-    /// sled failed while reading or quarantining.
-    pub fn pending_after(
-        &self,
-        after: Option<(Lane, Seq)>,
-        limit: usize,
-    ) -> Result<Vec<(Seq, Event)>, Error> {
-        self.scan_after(after, limit, |v| {
+        self.scan_after(None, limit, |v| {
             serde_json::from_slice::<Event>(v).map_err(|e| e.to_string())
         })
     }
 
-    /// Like [`Store::pending_after`], but each event decoded only as far as the uplink's
-    /// envelope needs: kind and time, with `data` kept as the stored JSON object, verbatim
-    /// (about 1 µs an event less than a full decode, which a drain pays per event). A record
-    /// whose kind, time or data object cannot be read is quarantined like in
-    /// [`Store::pending`].
+    /// What the uplink publishes: like [`Store::pending`], but each event decoded only as far
+    /// as the envelope needs (kind and time, with `data` kept as the stored JSON object,
+    /// verbatim: a full decode costs 2-4 µs an event, which a drain pays per event), and only
+    /// the events after `after` in drain order: the rest of `after`'s lane (higher seqs), then
+    /// the later lanes. `after` is a cursor for a reader that has the events up to it already
+    /// (the uplink's read-ahead), so it does not read them again; events of earlier lanes, or
+    /// of `after`'s lane with a lower seq, are not looked at, so the caller must rescan from the
+    /// head (`after = None`) when such events may exist. A record whose kind, time or data
+    /// object cannot be read is quarantined like in [`Store::pending`].
     ///
     /// # Errors
     /// sled failed while reading or quarantining.
@@ -841,7 +829,7 @@ impl Store {
             .collect())
     }
 
-    /// The scan behind [`Store::pending_after`]: up to `limit` durable records after `after`
+    /// The scan behind [`Store::pending`] and [`Store::pending_stored_after`]: up to `limit` durable records after `after`
     /// in drain order, each decoded by `decode`; a record it refuses is quarantined.
     fn scan_after<T>(
         &self,
@@ -1586,7 +1574,7 @@ mod tests {
     }
 
     #[test]
-    fn pending_after_continues_from_a_cursor_into_the_later_lanes() {
+    fn pending_stored_after_continues_from_a_cursor_into_the_later_lanes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_with(dir.path(), manual_flush()).unwrap();
         let kinds = [
@@ -1601,10 +1589,10 @@ mod tests {
         }
         let after = |cursor, limit| -> Vec<u64> {
             store
-                .pending_after(cursor, limit)
+                .pending_stored_after(cursor, limit)
                 .unwrap()
                 .iter()
-                .map(|(s, _)| s.0)
+                .map(|e| e.seq.0)
                 .collect()
         };
         // Drain order: 3, 5 (lane 0), 2, 4 (lane 1), 1 (lane 2).

@@ -4,7 +4,7 @@
 //! Owns the MQTT connection and nothing else; the store stays the only source of truth.
 //!
 //! - **Events**: `<prefix>/<gw>/event/<type>`, QoS 1, not retained, payload
-//!   [`Event::to_cloudevent`]. An event leaves the store only after its PUBACK.
+//!   [`crate::event::Event::to_cloudevent`]. An event leaves the store only after its PUBACK.
 //! - **Ack correlation**: rumqttc never returns a publish's packet id. One task hands publishes to
 //!   the client (`try_publish`), so `Outgoing::Publish(pkid)` events arrive in that order; each
 //!   takes the oldest queued seq, and `Incoming::PubAck(pkid)` then names the seq to remove. The
@@ -20,7 +20,7 @@
 //!   rumqttd do; a broker that caps in-flight messages lower would need a smaller window).
 //! - **Refill without rescans**: the next events are read [`READ_AHEAD`] at a time into a
 //!   read-ahead queue and published from there as PUBACKs free slots. Each read continues after
-//!   the last event read (a cursor, [`Store::pending_after`]), so events in flight are not
+//!   the last event read (a cursor, [`Store::pending_stored_after`]), so events in flight are not
 //!   decoded again; it starts from the head instead (skipping events in flight or being
 //!   removed) on a new connection, after the read-ahead was dropped, after a failed removal, or
 //!   while a lane before the cursor's holds events (in-memory counters, no disk access). After the daemon's wake (or a
@@ -342,7 +342,7 @@ struct Link {
     /// store [`READ_AHEAD`] at a time so a refill does not rescan what is in flight.
     ahead: VecDeque<StoredEvent>,
     /// The store key of the last event the read-ahead read: the next read continues after it
-    /// ([`Store::pending_after`]) instead of decoding the window again. `None`: read from the
+    /// ([`Store::pending_stored_after`]) instead of decoding the window again. `None`: read from the
     /// head. Reset whenever an event before it may be waiting unread (the read-ahead was
     /// dropped, or an earlier lane holds events).
     cursor: Option<(Lane, Seq)>,
