@@ -306,18 +306,13 @@ pub async fn run(plan: BusPlan, reports: mpsc::Sender<FieldReport>, shutdown: Ca
                 }
                 Err(e) => {
                     warn!(bus, error = %e, retry_ms = backoff.as_millis() as u64, "Cannot open bus; retrying.");
-                    outputs_unreachable(
-                        &mut coils,
-                        &reports,
-                        &format!("bus {bus} cannot be opened: {e}"),
-                    )
-                    .await;
+                    let reason = format!("bus {bus} cannot be opened: {e}");
+                    outputs_unreachable(&mut coils, &reports, &reason).await;
                     for d in &detectors {
-                        let reason = format!("bus {bus} cannot be opened: {e}");
                         if reports
                             .send(FieldReport::Missed {
                                 detector: d.index,
-                                reason,
+                                reason: reason.clone(),
                             })
                             .await
                             .is_err()
