@@ -6,7 +6,8 @@
 //!
 //! 1. a fresh sled outbox in a temporary directory is filled with `--events` access events
 //!    (default 100 000; lane 1, about 280 bytes of CloudEvents JSON each);
-//! 2. the gateway's uplink ([`village_gateway::uplink::run`], the daemon's code) drains it:
+//! 2. the gateway's uplink ([`village_gateway::uplink::run`], the daemon's code, with its
+//!    default of CloudEvents batches of up to 100 events; `--batch 1` for one per publish) drains it:
 //!    timed from its start to the moment the outbox is empty (every event acknowledged by a
 //!    PUBACK and removed from the store);
 //! 3. a plain rumqttc client publishes the same topics and payloads (pre-rendered) at QoS 1 with
@@ -24,6 +25,7 @@
 //! cargo run --release --example drain_rate -- --events 20000 --broker embedded
 //! cargo run --release --example drain_rate -- --broker mosquitto --loopback-only --rounds 5
 //! cargo run --release --example drain_rate -- --only uplink  # to profile one side (perf)
+//! cargo run --release --example drain_rate -- --batch 1      # the uplink one event per publish
 //! ```
 //!
 //! No subscriber is connected: the brokers only acknowledge. Everything runs in this process
@@ -63,6 +65,8 @@ struct Args {
     loopback_only: bool,
     /// Rounds per broker and link (uplink then plain in each); the median ratio is reported.
     rounds: usize,
+    /// The uplink's `batch_events` (1 = one event per publish).
+    batch: usize,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -72,6 +76,7 @@ fn args() -> anyhow::Result<Args> {
         only: None,
         loopback_only: false,
         rounds: 3,
+        batch: uplink::DEFAULT_BATCH_EVENTS,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -94,9 +99,20 @@ fn args() -> anyhow::Result<Args> {
                     .context("--rounds needs a number")?;
                 anyhow::ensure!(out.rounds > 0, "--rounds must be at least 1");
             }
+            "--batch" => {
+                out.batch = it
+                    .next()
+                    .context("--batch needs a number")?
+                    .parse()
+                    .context("--batch needs a number")?;
+                anyhow::ensure!(
+                    (1..=EVENT_WINDOW).contains(&out.batch),
+                    "--batch must be 1..={EVENT_WINDOW}"
+                );
+            }
             other => anyhow::bail!(
                 "unknown argument {other:?} (--events N, --broker embedded|mosquitto, \
-                 --only uplink|plain, --loopback-only, --rounds N)"
+                 --only uplink|plain, --loopback-only, --rounds N, --batch N)"
             ),
         }
     }
@@ -115,8 +131,10 @@ async fn main() -> anyhow::Result<()> {
     let args = args()?;
     let n = args.events;
     println!(
-        "drain_rate: {n} events, uplink window {EVENT_WINDOW} events in flight, plain client \
-         in-flight {PLAIN_INFLIGHT}, {} cores, store in {}",
+        "drain_rate: {n} events, uplink window {EVENT_WINDOW} events in flight in batches of up \
+         to {}, plain client one event per publish, in-flight {PLAIN_INFLIGHT}, {} cores, store \
+         in {}",
+        args.batch,
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         std::env::temp_dir().display()
     );
@@ -188,7 +206,7 @@ async fn round_of(args: &Args, round: usize, addr: SocketAddr) -> anyhow::Result
     if args.only.as_deref() != Some("plain") {
         let io0 = write_bytes();
         let cpu0 = cpu_time();
-        let drained = drain_with_uplink(&store, addr).await?;
+        let drained = drain_with_uplink(&store, addr, args.batch).await?;
         store.flush()?;
         let drain_io = write_bytes().saturating_sub(io0);
         let drain_cpu = cpu_time().saturating_sub(cpu0);
@@ -272,7 +290,11 @@ fn rendered(store: &Store, n: usize) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
 }
 
 /// Runs the uplink on `store` against `addr` until the outbox is empty; the elapsed time.
-async fn drain_with_uplink(store: &Store, addr: SocketAddr) -> anyhow::Result<Duration> {
+async fn drain_with_uplink(
+    store: &Store,
+    addr: SocketAddr,
+    batch_events: usize,
+) -> anyhow::Result<Duration> {
     let settings = UplinkSettings {
         url: format!("mqtt://{addr}"),
         client_id: "vgw-bench".to_owned(),
@@ -284,6 +306,7 @@ async fn drain_with_uplink(store: &Store, addr: SocketAddr) -> anyhow::Result<Du
         ca_file: None,
         cert_file: None,
         key_file: None,
+        batch_events,
     };
     let (commands_tx, _commands) = mpsc::channel(8);
     let (_status_tx, status_rx) = watch::channel(Status::default());

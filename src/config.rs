@@ -61,6 +61,9 @@ pub struct Uplink {
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// Most access and routine events per publish when a backlog drains (a CloudEvents batch
+    /// on `<prefix>/<gw>/events`); 1 = one event per publish.
+    pub batch_events: usize,
 }
 
 /// `[store]`.
@@ -349,6 +352,8 @@ struct RawUplink {
     cert_file: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS.
     key_file: Option<PathBuf>,
+    /// Default 100; 1 ..= 1000.
+    batch_events: Option<usize>,
 }
 
 fn default_topic_prefix() -> String {
@@ -837,6 +842,7 @@ impl Config {
                 ca_file: None,
                 cert_file: None,
                 key_file: None,
+                batch_events: crate::uplink::DEFAULT_BATCH_EVENTS,
             },
             store: Store {
                 max_bytes: crate::store::DEFAULT_MAX_BYTES,
@@ -1624,6 +1630,18 @@ impl Validator {
                 "TLS files are set but the url is not mqtts://",
             );
         }
+        let batch_events = u
+            .batch_events
+            .unwrap_or(crate::uplink::DEFAULT_BATCH_EVENTS);
+        if !(1..=crate::uplink::EVENT_WINDOW).contains(&batch_events) {
+            self.problem(
+                "uplink.batch_events",
+                format!(
+                    "{batch_events} is outside 1 ..= {} (the events in flight)",
+                    crate::uplink::EVENT_WINDOW
+                ),
+            );
+        }
         let client_id = u.client_id.unwrap_or_else(|| format!("vgw-{gateway_id}"));
         if client_id.is_empty() || client_id.len() > 128 {
             self.problem("uplink.client_id", "must be 1 to 128 characters");
@@ -1638,6 +1656,7 @@ impl Validator {
             ca_file: u.ca_file,
             cert_file: u.cert_file,
             key_file: u.key_file,
+            batch_events,
         }
     }
 
@@ -2311,6 +2330,22 @@ fault = { table = "input", address = 2 }
         for bad in ["\"20s\"", "\"0ms\"", "\"200\""] {
             let e = check(&format!("{GOOD}\n[store]\nflush_interval = {bad}\n")).unwrap_err();
             assert_eq!(e.problems[0].key, "store.flush_interval", "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn uplink_batch_events_defaults_to_100_and_is_refused_outside_1_to_the_window() {
+        assert_eq!(check(GOOD).unwrap().uplink.batch_events, 100);
+        let with = |n: &str| {
+            GOOD.replace(
+                "url = \"mqtt://127.0.0.1:1883\"",
+                &format!("url = \"mqtt://127.0.0.1:1883\"\nbatch_events = {n}"),
+            )
+        };
+        assert_eq!(check(&with("1")).unwrap().uplink.batch_events, 1);
+        for bad in ["0", "1001"] {
+            let e = check(&with(bad)).unwrap_err();
+            assert_eq!(e.problems[0].key, "uplink.batch_events", "{bad}: {e}");
         }
     }
 }

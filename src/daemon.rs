@@ -684,6 +684,7 @@ pub fn uplink_settings(config: &Config) -> anyhow::Result<UplinkSettings> {
         ca_file: u.ca_file.clone(),
         cert_file: u.cert_file.clone(),
         key_file: u.key_file.clone(),
+        batch_events: u.batch_events,
     })
 }
 

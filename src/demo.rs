@@ -555,17 +555,25 @@ impl Upstream {
             port.parse().context("bad port")?,
         );
         opts.set_keep_alive(Duration::from_secs(10));
+        // Batches are up to 64 KiB; rumqttc's default limit is 10 KiB.
+        opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 64);
-        client
-            .subscribe("village/demo/event/#", rumqttc::QoS::AtLeastOnce)
-            .await?;
+        for filter in ["village/demo/event/#", "village/demo/events"] {
+            client.subscribe(filter, rumqttc::QoS::AtLeastOnce).await?;
+        }
         let seqs = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
         let s = seqs.clone();
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) {
+                        // One CloudEvent, or a batch (a JSON array) on `village/demo/events`.
+                        let events = match serde_json::from_slice(&p.payload) {
+                            Ok(serde_json::Value::Array(batch)) => batch,
+                            Ok(one) => vec![one],
+                            Err(_) => Vec::new(),
+                        };
+                        for v in events {
                             if let (Some(seq), Ok(mut set)) = (v["seq"].as_u64(), s.lock()) {
                                 set.insert(seq);
                             }

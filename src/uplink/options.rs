@@ -137,6 +137,16 @@ pub(crate) fn check(settings: &UplinkSettings) -> Result<Endpoint, Error> {
             format!("{:?} is outside 1 s ..= 65535 s", settings.keep_alive),
         ));
     }
+    if !(1..=super::EVENT_WINDOW).contains(&settings.batch_events) {
+        return Err(invalid(
+            "batch_events",
+            format!(
+                "{} is outside 1 ..= {} (the events in flight)",
+                settings.batch_events,
+                super::EVENT_WINDOW
+            ),
+        ));
+    }
     if settings.password.is_some() && settings.username.is_none() {
         return Err(invalid(
             "password",
@@ -265,6 +275,11 @@ impl Topics {
         format!("{}/event/{}", self.base, kind.as_str())
     }
 
+    /// `<prefix>/<gw>/events`: CloudEvents batches (a JSON array of envelopes).
+    pub(crate) fn events(&self) -> String {
+        format!("{}/events", self.base)
+    }
+
     /// `<prefix>/<gw>/status`, retained.
     pub(crate) fn status(&self) -> String {
         format!("{}/status", self.base)
@@ -348,6 +363,7 @@ mod tests {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            batch_events: super::super::DEFAULT_BATCH_EVENTS,
         }
     }
 
@@ -414,6 +430,20 @@ mod tests {
         let mut s = settings("mqtt://x");
         s.password = Some("p".into());
         assert!(check(&s).is_err());
+        for batch_events in [0, super::super::EVENT_WINDOW + 1] {
+            let mut s = settings("mqtt://x");
+            s.batch_events = batch_events;
+            assert!(
+                matches!(
+                    check(&s),
+                    Err(Error::Invalid {
+                        key: "batch_events",
+                        ..
+                    })
+                ),
+                "batch_events {batch_events}"
+            );
+        }
         assert!(
             check(&settings("mqtts://x")).is_err(),
             "mqtts without ca_file"
@@ -436,6 +466,7 @@ mod tests {
             t.event(EventKind::FireAlarm),
             "village/yian/event/fire.alarm"
         );
+        assert_eq!(t.events(), "village/yian/events");
         assert_eq!(t.status(), "village/yian/status");
         assert_eq!(t.commands_filter(), "village/yian/cmd/+");
         assert_eq!(t.command_result(), "village/yian/cmd-result");

@@ -24,6 +24,7 @@ fn settings(port: u16) -> UplinkSettings {
         ca_file: None,
         cert_file: None,
         key_file: None,
+        batch_events: DEFAULT_BATCH_EVENTS,
     }
 }
 
@@ -78,6 +79,8 @@ async fn subscriber(
 ) -> (AsyncClient, mpsc::UnboundedReceiver<Publish>) {
     let mut opts = MqttOptions::new(id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(5));
+    // Batches are up to 64 KiB; rumqttc's default limit is 10 KiB.
+    opts.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
     for f in filters {
         client.subscribe(*f, QoS::AtLeastOnce).await.unwrap();
@@ -110,6 +113,28 @@ async fn next_on(rx: &mut mpsc::UnboundedReceiver<Publish>, topic: &str) -> serd
     }
 }
 
+/// The CloudEvents of one publish, checked against the topic contract: one event on
+/// `event/<its type>`, or a batch (a JSON array of at least two, none of them fire or fault)
+/// on `events`.
+fn cloudevents(p: &Publish) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+    if p.topic == "village/yian/events" {
+        let batch = v.as_array().expect("a batch is a JSON array").clone();
+        assert!(batch.len() >= 2, "a batch of {}", batch.len());
+        for e in &batch {
+            let kind: EventKind = serde_json::from_value(e["type"].clone()).unwrap();
+            assert_ne!(kind.lane(), Lane::Urgent, "{kind} in a batch");
+        }
+        batch
+    } else {
+        assert_eq!(
+            p.topic,
+            format!("village/yian/event/{}", v["type"].as_str().unwrap())
+        );
+        vec![v]
+    }
+}
+
 async fn wait_for_tap(tap: &mut broadcast::Receiver<UplinkTap>, want: impl Fn(&UplinkTap) -> bool) {
     loop {
         if want(&tap.recv().await.unwrap()) {
@@ -119,7 +144,8 @@ async fn wait_for_tap(tap: &mut broadcast::Receiver<UplinkTap>, want: impl Fn(&U
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_events_arrive_in_seq_order_and_leave_the_store_after_their_pubacks() {
+async fn with_batches_off_fifty_events_arrive_one_per_publish_in_seq_order_and_leave_after_their_pubacks(
+) {
     tokio::time::timeout(TEST_DEADLINE, async {
         let broker = broker::start(0).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -129,7 +155,11 @@ async fn fifty_events_arrive_in_seq_order_and_leave_the_store_after_their_puback
         }
         let (_client, mut events) =
             subscriber(broker.port(), "upstream", &["village/yian/event/#"]).await;
-        let mut up = spawn_uplink(settings(broker.port()), store.clone());
+        let one_per_publish = UplinkSettings {
+            batch_events: 1,
+            ..settings(broker.port())
+        };
+        let mut up = spawn_uplink(one_per_publish, store.clone());
 
         let mut ids = Vec::new();
         while ids.len() < 50 {
@@ -159,6 +189,84 @@ async fn fifty_events_arrive_in_seq_order_and_leave_the_store_after_their_puback
         .await;
         assert_eq!(store.stats().unwrap().depth, 0);
 
+        up.shutdown.cancel();
+        up.task.await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_goes_up_in_batches_in_seq_order_with_fire_and_fault_events_one_per_publish() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let broker = broker::start(0).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut lanes: [Vec<u64>; 3] = Default::default();
+        for i in 0..500 {
+            let kind = match i % 50 {
+                7 => EventKind::FireAlarm,
+                8 => EventKind::DeviceFault,
+                9 => EventKind::GatewayStarted,
+                _ => EventKind::AccessGranted,
+            };
+            let seq = store.append(&event(kind, i)).unwrap();
+            lanes[kind.lane() as usize].push(seq.0);
+        }
+        store.flush().unwrap();
+        let (_client, mut upstream) = subscriber(
+            broker.port(),
+            "upstream",
+            &["village/yian/event/#", "village/yian/events"],
+        )
+        .await;
+        let mut up = spawn_uplink(
+            UplinkSettings {
+                batch_events: 64,
+                ..settings(broker.port())
+            },
+            store.clone(),
+        );
+
+        let mut received = Vec::new();
+        let mut batches = Vec::new();
+        while received.len() < 500 {
+            let p = upstream.recv().await.unwrap();
+            let events = cloudevents(&p);
+            if p.topic.ends_with("/events") {
+                batches.push(events.len());
+            }
+            for v in events {
+                // Each element is a whole envelope of the contract.
+                assert_eq!(v["id"], format!("yian-{}", v["seq"]));
+                assert_eq!(v["specversion"], "1.0");
+                received.push(v["seq"].as_u64().unwrap());
+            }
+        }
+        // Lane 0 one per publish first, then lanes 1 and 2 in batches, each in seq order.
+        assert_eq!(received, lanes.concat());
+        assert!(batches.iter().all(|n| *n <= 64), "batches {batches:?}");
+        let batched: usize = batches.iter().sum();
+        assert_eq!(
+            batched,
+            lanes[1].len() + lanes[2].len(),
+            "batches {batches:?}"
+        );
+        // 480 events in batches of at most 64: 8, or a few more if a refill split one.
+        assert!(
+            batches.len() <= 10,
+            "{} batches for {batched} events",
+            batches.len()
+        );
+
+        // Each event of a batch leaves the store after the batch's PUBACK.
+        let mut acked = 0;
+        while acked < 500 {
+            if let UplinkTap::Acked { .. } = up.tap.recv().await.unwrap() {
+                acked += 1;
+            }
+        }
+        assert_eq!(store.stats().unwrap().depth, 0);
         up.shutdown.cancel();
         up.task.await.unwrap();
     })
@@ -419,8 +527,12 @@ async fn after_an_outage_the_backlog_drains_lane_by_lane_in_seq_order_and_a_new_
     const ROUTINE: u64 = 200;
     tokio::time::timeout(Duration::from_secs(120), async {
         let broker = broker::start(0).unwrap();
-        let (_client, mut upstream) =
-            subscriber(broker.port(), "upstream", &["village/yian/event/#"]).await;
+        let (_client, mut upstream) = subscriber(
+            broker.port(),
+            "upstream",
+            &["village/yian/event/#", "village/yian/events"],
+        )
+        .await;
         let gate = Gate::closed_in_front_of(broker.port()).await;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -458,12 +570,12 @@ async fn after_an_outage_the_backlog_drains_lane_by_lane_in_seq_order_and_a_new_
         let mut seen = std::collections::HashSet::new();
         while seen.len() < total + 1 {
             let p = upstream.recv().await.unwrap();
-            let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
-            let seq = v["seq"].as_u64().unwrap();
-            assert!(p.topic.ends_with(v["type"].as_str().unwrap()));
-            // Duplicates are allowed upstream (after a reconnect); the first copy counts.
-            if seen.insert(seq) {
-                received.push(seq);
+            for v in cloudevents(&p) {
+                let seq = v["seq"].as_u64().unwrap();
+                // Duplicates are allowed upstream (after a reconnect); the first copy counts.
+                if seen.insert(seq) {
+                    received.push(seq);
+                }
             }
         }
 
@@ -640,7 +752,8 @@ fn the_envelope_published_is_the_cloudevent_of_the_contract() {
         store.flush().unwrap();
         let stored = store.pending_stored_after(None, 1).unwrap();
         assert_eq!(stored.len(), 1);
-        let bytes = envelope(&stored[0], &s).unwrap();
+        let mut bytes = Vec::new();
+        write_envelope(&mut bytes, &stored[0], &s).unwrap();
         let got: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(got, e.to_cloudevent(seq, &s.gateway_id, &s.topic_prefix));
     }

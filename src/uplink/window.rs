@@ -9,7 +9,7 @@
 //! - `Incoming::PubAck(pkid)` when the broker confirms.
 //!
 //! So every publish we hand to the client is [`AckWindow::queued`] with a [`Tag`] (an event's
-//! seq, or [`Tag::Other`] for status and command results); the next `Outgoing::Publish` takes
+//! seq, the seqs of a batch, or [`Tag::Other`] for status and command results); the next `Outgoing::Publish` takes
 //! the oldest queued tag and files it under its pkid; the PUBACK returns it.
 //!
 //! Invariants:
@@ -20,17 +20,33 @@
 //!   connection and resends from the store, which is always safe (duplicates are fine upstream).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::event::{EventKind, Lane, Seq};
 
 /// What a publish carried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Tag {
     /// A store event: remove `seq` from the store on its PUBACK.
     Event { seq: Seq, kind: EventKind },
+    /// A CloudEvents batch of store events, in publish order: remove them all on its PUBACK.
+    /// Each takes a slot of the window.
+    Batch(Arc<[(Seq, EventKind)]>),
     /// Status or a command result: nothing to do on its PUBACK.
     Other,
+}
+
+impl Tag {
+    /// The store events the publish carried (none for [`Tag::Other`]).
+    pub(crate) fn events(&self) -> impl Iterator<Item = (Seq, EventKind)> + '_ {
+        let (one, many) = match self {
+            Tag::Event { seq, kind } => (Some((*seq, *kind)), &[][..]),
+            Tag::Batch(events) => (None, &events[..]),
+            Tag::Other => (None, &[][..]),
+        };
+        one.into_iter().chain(many.iter().copied())
+    }
 }
 
 /// The client's events no longer match what we queued.
@@ -93,7 +109,7 @@ impl AckWindow {
 
     /// A publish was handed to the client (`try_publish` returned `Ok`) at `now`.
     pub(crate) fn queued(&mut self, tag: Tag, now: Instant) {
-        if let Tag::Event { seq, kind } = tag {
+        for (seq, kind) in tag.events() {
             let lane = kind.lane();
             if self.seqs.insert(seq, lane).is_none() {
                 self.per_lane[lane as usize] += 1;
@@ -120,7 +136,7 @@ impl AckWindow {
         };
         if pkid == 0 {
             // QoS 0: no PUBACK will come. We never send events at QoS 0; forget the tag.
-            if let Tag::Event { seq, .. } = tag {
+            for (seq, _) in tag.events() {
                 self.forget(seq);
             }
             return Ok(());
@@ -141,7 +157,7 @@ impl AckWindow {
     /// `Incoming::PubAck(pkid)`: returns what it confirms; `None` for an unknown pkid.
     pub(crate) fn on_puback(&mut self, pkid: u16) -> Option<Tag> {
         let (tag, _) = self.sent.remove(&pkid)?;
-        if let Tag::Event { seq, .. } = tag {
+        for (seq, _) in tag.events() {
             self.forget(seq);
         }
         Some(tag)
@@ -200,6 +216,33 @@ mod tests {
         assert_eq!(w.on_puback(2), Some(ev(5)));
         assert!(!w.contains(Seq(5)));
         assert_eq!(w.free_slots(), 2);
+    }
+
+    #[test]
+    fn a_batch_takes_a_slot_per_event_and_its_puback_returns_them_all() {
+        let now = Instant::now();
+        let mut w = AckWindow::new(4);
+        let batch = Tag::Batch(
+            [
+                (Seq(3), EventKind::AccessGranted),
+                (Seq(5), EventKind::DoorForced),
+                (Seq(6), EventKind::AccessDenied),
+            ]
+            .into(),
+        );
+        w.queued(batch.clone(), now);
+        assert_eq!(w.free_slots(), 1);
+        assert_eq!(w.events_in_lanes_before(Lane::Routine), 3);
+        assert!(w.contains(Seq(5)));
+        w.on_publish_sent(1).unwrap();
+        let acked = w.on_puback(1).unwrap();
+        assert_eq!(acked, batch);
+        assert_eq!(
+            acked.events().map(|(seq, _)| seq.0).collect::<Vec<_>>(),
+            [3, 5, 6]
+        );
+        assert_eq!(w.events_in_flight(), 0);
+        assert!(!w.contains(Seq(5)));
     }
 
     #[test]
@@ -331,7 +374,7 @@ mod tests {
             let pkid = pkids[pick % pkids.len()];
             let tag = self.outgoing.remove(&pkid).unwrap();
             let mut seen = vec![Seen::PubAck(pkid, tag)];
-            if self.collision.is_some_and(|(p, _)| p == pkid) {
+            if self.collision.as_ref().is_some_and(|(p, _)| *p == pkid) {
                 let (p, held) = self.collision.take().unwrap();
                 self.outgoing.insert(p, held);
                 seen.push(Seen::Publish(p));
@@ -362,16 +405,21 @@ mod tests {
             let mut acked = HashSet::new();
             for (op, pick) in ops {
                 let seen = match op {
-                    // The uplink hands a publish to the client: an event if a slot is free,
-                    // otherwise a status publish.
+                    // The uplink hands a publish to the client: an event or a batch of up to 4
+                    // if slots are free, otherwise a status publish.
                     0 => {
-                        let tag = if w.free_slots() > 0 {
-                            next_seq += 1;
-                            ev(next_seq - 1)
-                        } else {
-                            Tag::Other
+                        let n = (1 + pick % 4).min(w.free_slots()) as u64;
+                        let tag = match n {
+                            0 => Tag::Other,
+                            1 => ev(next_seq),
+                            _ => Tag::Batch(
+                                (next_seq..next_seq + n)
+                                    .map(|seq| (Seq(seq), EventKind::AccessGranted))
+                                    .collect(),
+                            ),
                         };
-                        w.queued(tag, now);
+                        next_seq += n;
+                        w.queued(tag.clone(), now);
                         client.requests.push_back(tag);
                         Vec::new()
                     }
@@ -383,18 +431,18 @@ mod tests {
                         Seen::Publish(pkid) => w.on_publish_sent(pkid).unwrap(),
                         Seen::AwaitAck(pkid) => w.on_collision(pkid).unwrap(),
                         Seen::PubAck(pkid, carried) => {
-                            proptest::prop_assert_eq!(w.on_puback(pkid), Some(carried));
-                            if let Tag::Event { seq, .. } = carried {
+                            proptest::prop_assert_eq!(w.on_puback(pkid), Some(carried.clone()));
+                            for (seq, _) in carried.events() {
                                 proptest::prop_assert!(acked.insert(seq), "seq {:?} acked twice", seq);
                             }
                         }
                     }
                 }
             }
-            let is_event = |t: &Tag| matches!(t, Tag::Event { .. });
-            let in_model_events = client.requests.iter().filter(|t| is_event(t)).count()
-                + client.outgoing.values().filter(|t| is_event(t)).count()
-                + client.collision.iter().filter(|(_, t)| is_event(t)).count();
+            let events = |t: &Tag| t.events().count();
+            let in_model_events = client.requests.iter().map(events).sum::<usize>()
+                + client.outgoing.values().map(events).sum::<usize>()
+                + client.collision.iter().map(|(_, t)| events(t)).sum::<usize>();
             proptest::prop_assert_eq!(w.events_in_flight(), in_model_events);
             proptest::prop_assert_eq!(w.events_in_flight() + acked.len(), usize::try_from(next_seq - 1).unwrap());
         }

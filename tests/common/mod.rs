@@ -105,6 +105,8 @@ impl Subscriber {
     pub(crate) async fn connect(port: u16, id: &str) -> Subscriber {
         let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5));
+        // Batches are up to 64 KiB; rumqttc's default limit is 10 KiB.
+        opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 100);
         client
             .subscribe("village/#", rumqttc::QoS::AtLeastOnce)
@@ -116,11 +118,18 @@ impl Subscriber {
             loop {
                 match eventloop.poll().await {
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))
-                        if p.topic.contains("/event/") =>
+                        if p.topic.contains("/event/") || p.topic.ends_with("/events") =>
                     {
+                        // One CloudEvent, or a batch of them (a JSON array) on `<gw>/events`.
                         let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
-                        if tx.send(v).is_err() {
-                            return;
+                        let events = match v {
+                            serde_json::Value::Array(batch) => batch,
+                            one => vec![one],
+                        };
+                        for v in events {
+                            if tx.send(v).is_err() {
+                                return;
+                            }
                         }
                     }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))
