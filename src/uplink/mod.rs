@@ -41,8 +41,8 @@
 //!   read-ahead may still be published once: a duplicate-like extra, never a loss.)
 //! - **Removal off the connection task**: after its PUBACK, a seq and its lane go to the
 //!   `outbox-remover` thread, which removes them in batches with [`Store::remove_acked`]
-//!   (sled blocks); until it is gone it is never published
-//!   again. The [`UplinkTap::Acked`] tap fires after the removal.
+//!   (it blocks on sled: a `get` per event, a `drop_tree` per finished segment); until it is
+//!   gone it is never published again. The [`UplinkTap::Acked`] tap fires after the removal.
 //! - **Reconnects**: rumqttc drops queued and in-flight QoS 1 publishes when a connection ends
 //!   (CRATES.md). So every connection gets a fresh `AsyncClient` + `EventLoop`, a clean session and
 //!   an empty window, and sends everything pending from the store again, in order. Duplicates are
