@@ -135,6 +135,19 @@ fn cloudevents(p: &Publish) -> Vec<serde_json::Value> {
     }
 }
 
+/// Waits for `n` acknowledged events, checks the store is empty, then stops the uplink.
+async fn drain_and_stop(mut up: Running, store: &Store, n: usize) {
+    let mut acked = 0;
+    while acked < n {
+        if let UplinkTap::Acked { .. } = up.tap.recv().await.unwrap() {
+            acked += 1;
+        }
+    }
+    assert_eq!(store.stats().unwrap().depth, 0);
+    up.shutdown.cancel();
+    up.task.await.unwrap();
+}
+
 async fn wait_for_tap(tap: &mut broadcast::Receiver<UplinkTap>, want: impl Fn(&UplinkTap) -> bool) {
     loop {
         if want(&tap.recv().await.unwrap()) {
@@ -220,7 +233,7 @@ async fn a_backlog_goes_up_in_batches_in_seq_order_with_fire_and_fault_events_on
             &["village/yian/event/#", "village/yian/events"],
         )
         .await;
-        let mut up = spawn_uplink(
+        let up = spawn_uplink(
             UplinkSettings {
                 batch_events: 64,
                 ..settings(broker.port())
@@ -260,15 +273,7 @@ async fn a_backlog_goes_up_in_batches_in_seq_order_with_fire_and_fault_events_on
         );
 
         // Each event of a batch leaves the store after the batch's PUBACK.
-        let mut acked = 0;
-        while acked < 500 {
-            if let UplinkTap::Acked { .. } = up.tap.recv().await.unwrap() {
-                acked += 1;
-            }
-        }
-        assert_eq!(store.stats().unwrap().depth, 0);
-        up.shutdown.cancel();
-        up.task.await.unwrap();
+        drain_and_stop(up, &store, 500).await;
     })
     .await
     .unwrap();
@@ -381,18 +386,10 @@ async fn the_uplink_keeps_trying_until_the_broker_appears_then_drains_the_outbox
         for i in 0..3 {
             store.append(&event(EventKind::DeviceOffline, i)).unwrap();
         }
-        let mut up = spawn_uplink(settings(port), store.clone());
+        let up = spawn_uplink(settings(port), store.clone());
         // Connection attempts fail meanwhile; start the broker on the port it keeps trying.
         let _broker = broker::start(port).unwrap();
-        let mut acked = 0;
-        while acked < 3 {
-            if let UplinkTap::Acked { .. } = up.tap.recv().await.unwrap() {
-                acked += 1;
-            }
-        }
-        assert_eq!(store.stats().unwrap().depth, 0);
-        up.shutdown.cancel();
-        up.task.await.unwrap();
+        drain_and_stop(up, &store, 3).await;
     })
     .await
     .unwrap();
