@@ -389,6 +389,29 @@ struct Segment {
     acked: BTreeSet<u64>,
     /// `acked` changed since it was last written to `meta`.
     acked_dirty: bool,
+    /// Every record below this seq is acknowledged: reads from the head start here instead
+    /// of walking the acknowledged records again (a block fills only after 4096 seqs, which
+    /// may take days on a quiet gateway). Raised by the reads that walk past them.
+    head: u64,
+}
+
+impl Segment {
+    /// Where a read of this segment starts: after `after` when the cursor is at or past the
+    /// acknowledged head, else at the head. The flag says the read starts at the head.
+    fn read_from(&self, lane: Lane, after: Option<Seq>) -> (Bound<[u8; 9]>, bool) {
+        match after {
+            Some(seq) if seq.0 >= self.head => (Bound::Excluded(key(lane, seq)), false),
+            _ => (Bound::Included(key(lane, Seq(self.head))), true),
+        }
+    }
+}
+
+/// A record read under the segments lock, decoded after it.
+struct RawRecord {
+    segment: SegmentId,
+    seq: Option<Seq>,
+    key: sled::IVec,
+    value: sled::IVec,
 }
 
 impl Segment {
@@ -398,6 +421,7 @@ impl Segment {
             records: 0,
             acked: BTreeSet::new(),
             acked_dirty: false,
+            head: 0,
         }
     }
 }
@@ -779,27 +803,12 @@ impl Store {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let first = *next;
+        let mut inserted = Ok(());
         for (lane, v) in values {
             let seq = *next;
-            {
-                let mut segs = inner.segments();
-                let seg = match segs.entry(segment_id(lane, Seq(seq))) {
-                    Entry::Occupied(o) => o.into_mut(),
-                    Entry::Vacant(slot) => {
-                        let tree = inner.db.open_tree(segment_name(*slot.key()))?;
-                        slot.insert(Segment::new(tree))
-                    }
-                };
-                // A seq is never written twice (see "Gap-free seq"); if it were, the record
-                // would be replaced, not added.
-                if seg
-                    .tree
-                    .insert(&key(lane, Seq(seq))[..], v.as_slice())?
-                    .is_none()
-                {
-                    seg.records += 1;
-                }
-                seg.acked.remove(&seq);
+            if let Err(e) = self.insert_event(lane, Seq(seq), &v) {
+                inserted = Err(e);
+                break;
             }
             // Stored: its seq is used even if a later write of this call fails.
             *next = seq + 1;
@@ -807,13 +816,38 @@ impl Store {
             c.depth.fetch_add(1, Ordering::SeqCst);
             c.bytes
                 .fetch_add(KEY_BYTES + v.len() as u64, Ordering::SeqCst);
-            inner.last_assigned.fetch_max(seq, Ordering::SeqCst);
         }
+        // The next seq, also after a failed insert (the seqs before it are used). Only then
+        // may a flush announce the new events (`last_assigned`): a seq published, acknowledged
+        // and dropped with its segment must never be assigned again after a restart, so the
+        // record that says it is used goes to the log before anything can announce it.
         inner.meta.insert(NEXT_SEQ_KEY, &next.to_be_bytes()[..])?;
+        inner.last_assigned.fetch_max(*next - 1, Ordering::SeqCst);
+        inserted?;
         if let Some((k, v)) = state {
             inner.meta.insert(k, v)?;
         }
         Ok(first)
+    }
+
+    /// Writes one event record into its segment (creating the segment's tree first if needed).
+    fn insert_event(&self, lane: Lane, seq: Seq, value: &[u8]) -> Result<(), Error> {
+        let inner = &*self.inner;
+        let mut segs = inner.segments();
+        let seg = match segs.entry(segment_id(lane, seq)) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(slot) => {
+                let tree = inner.db.open_tree(segment_name(*slot.key()))?;
+                slot.insert(Segment::new(tree))
+            }
+        };
+        // A seq is never written twice (see "Gap-free seq"); if it were, the record would be
+        // replaced, not added.
+        if seg.tree.insert(&key(lane, seq)[..], value)?.is_none() {
+            seg.records += 1;
+        }
+        seg.acked.remove(&seq.0);
+        Ok(())
     }
 
     fn total_bytes(&self) -> u64 {
@@ -958,17 +992,52 @@ impl Store {
             .collect())
     }
 
-    /// The scan behind [`Store::pending`] and [`Store::pending_stored_after`]: up to `limit` durable records after `after`
-    /// in drain order, each decoded by `decode`; a record it refuses is quarantined.
+    /// The scan behind [`Store::pending`] and [`Store::pending_stored_after`]: up to `limit`
+    /// durable records after `after` in drain order, each decoded by `decode`; a record it
+    /// refuses is quarantined and not counted. Records are read under the segments lock and
+    /// decoded after it, so appends wait only for the sled reads.
     fn scan_after<T>(
         &self,
         after: Option<(Lane, Seq)>,
         limit: usize,
         decode: impl Fn(&[u8]) -> Result<T, String>,
     ) -> Result<Vec<(Seq, T)>, Error> {
-        let durable = self.inner.durable.load(Ordering::SeqCst);
         let mut out = Vec::with_capacity(limit.min(1024));
-        let mut bad: Vec<(SegmentId, sled::IVec, sled::IVec, String)> = Vec::new();
+        let mut cursor = after;
+        loop {
+            let want = limit - out.len();
+            let raw = self.read_raw(cursor, want)?;
+            let complete = raw.len() < want;
+            let mut bad = Vec::new();
+            for r in raw {
+                cursor = r.seq.map(|seq| (r.segment.0, seq)).or(cursor);
+                match (r.seq, decode(&r.value)) {
+                    (Some(seq), Ok(event)) => out.push((seq, event)),
+                    (_, Err(e)) => bad.push((r, e)),
+                    (None, Ok(_)) => bad.push((r, "bad key length".to_owned())),
+                }
+            }
+            if bad.is_empty() || complete || out.len() >= limit {
+                let mut segs = self.inner.segments();
+                for (r, why) in &bad {
+                    self.quarantine(&mut segs, r.segment, &r.key, &r.value, why)?;
+                }
+                return Ok(out);
+            }
+            let mut segs = self.inner.segments();
+            for (r, why) in &bad {
+                self.quarantine(&mut segs, r.segment, &r.key, &r.value, why)?;
+            }
+        }
+    }
+
+    /// Up to `want` waiting, durable records after `after` in drain order, undecoded.
+    /// Acknowledged records are skipped before anything is decoded, and a read from a
+    /// segment's head raises the head past the acknowledged ones it walked.
+    fn read_raw(&self, after: Option<(Lane, Seq)>, want: usize) -> Result<Vec<RawRecord>, Error> {
+        let durable = self.inner.durable.load(Ordering::SeqCst);
+        let mut out = Vec::new();
+        let mut heads: Vec<(SegmentId, u64)> = Vec::new();
         let mut segs = self.inner.segments();
         'lanes: for lane in LANES {
             let from = match after {
@@ -978,32 +1047,42 @@ impl Store {
             };
             let first_block = from.map_or(0, |seq| seq.0 / SEGMENT_SPAN);
             for (id, seg) in segs.range((lane, first_block)..=(lane, u64::MAX)) {
-                let items = match from {
-                    // The rest of the lane: keys above `after`'s.
-                    Some(seq) if id.1 == first_block => seg.tree.range::<&[u8], _>((
-                        Bound::Excluded(&key(lane, seq)[..]),
-                        Bound::Unbounded,
-                    )),
-                    _ => seg.tree.iter(),
-                };
-                for item in items {
-                    if out.len() >= limit {
+                let (lower, from_head) = seg.read_from(lane, from.filter(|_| id.1 == first_block));
+                let mut walked_to = from_head.then_some(seg.head);
+                for item in seg.tree.range::<[u8; 9], _>((lower, Bound::Unbounded)) {
+                    if out.len() >= want {
                         break 'lanes;
                     }
                     let (k, v) = item?;
-                    match (decode_key(&k), decode(&v)) {
+                    let seq = decode_key(&k);
+                    match seq {
                         // Seq order within a lane: the rest of the lane is not durable either.
-                        (Some(seq), _) if seq.0 > durable => continue 'lanes,
-                        (Some(seq), _) if seg.acked.contains(&seq.0) => {}
-                        (Some(seq), Ok(event)) => out.push((seq, event)),
-                        (_, Err(e)) => bad.push((*id, k, v, e)),
-                        (None, Ok(_)) => bad.push((*id, k, v, "bad key length".to_owned())),
+                        Some(seq) if seq.0 > durable => continue 'lanes,
+                        Some(seq) if seg.acked.contains(&seq.0) => {
+                            walked_to = walked_to.map(|_| seq.0 + 1);
+                            continue;
+                        }
+                        _ => {}
                     }
+                    if let Some(head) = walked_to.take() {
+                        heads.push((*id, head));
+                    }
+                    out.push(RawRecord {
+                        segment: *id,
+                        seq,
+                        key: k,
+                        value: v,
+                    });
+                }
+                if let Some(head) = walked_to {
+                    heads.push((*id, head));
                 }
             }
         }
-        for (id, k, v, why) in bad {
-            self.quarantine(&mut segs, id, &k, &v, &why)?;
+        for (id, head) in heads {
+            if let Some(seg) = segs.get_mut(&id) {
+                seg.head = seg.head.max(head);
+            }
         }
         Ok(out)
     }
@@ -1129,7 +1208,8 @@ impl Store {
                 // Seq order is time order within a lane, up to clock steps: the head (the
                 // first waiting record) is enough.
                 for seg in segs.range((lane, 0)..=(lane, u64::MAX)).map(|(_, s)| s) {
-                    for item in seg.tree.iter() {
+                    let from = key(lane, Seq(seg.head));
+                    for item in seg.tree.range(from..) {
                         let (k, v) = item?;
                         if decode_key(&k).is_some_and(|seq| seg.acked.contains(&seq.0)) {
                             continue;
@@ -1476,8 +1556,7 @@ fn open_attempt(
             decode_u64(&raw).ok_or(OpenFailure::Other(Error::DamagedMeta { len: raw.len() }))?
         }
         None => 1,
-    }
-    .max(max_seq + 1);
+    };
     let (acked, acked_ms) = match meta.get(LAST_ACKED_KEY).map_err(other)? {
         Some(raw) if raw.len() == 16 => (
             decode_u64(&raw[..8]).unwrap_or(0),
@@ -1485,6 +1564,17 @@ fn open_attempt(
         ),
         _ => (0, 0),
     };
+    // A crash between the events and their next-seq record leaves the record behind the
+    // highest seq. Correct it on disk, not only in memory, before any of those events can be
+    // acknowledged and dropped with their segment: otherwise a later open would find neither
+    // the events nor a record of their seqs and hand a seq upstream has seen out again (its
+    // id would be dropped as a duplicate). An acknowledged seq is used too.
+    let stored_next = next;
+    let next = next.max(max_seq + 1).max(acked + 1);
+    if next != stored_next {
+        meta.insert(NEXT_SEQ_KEY, &next.to_be_bytes()[..])
+            .map_err(other)?;
+    }
     // sled 0.34 keeps everything in `<dir>/db`.
     let data_path = dir.join("db");
     let data_file = OpenOptions::new()
@@ -2087,6 +2177,210 @@ mod tests {
             store.append(&event(EventKind::FireAlarm, 99)).unwrap(),
             Seq(13)
         );
+    }
+
+    #[test]
+    fn a_stale_next_seq_record_is_corrected_on_disk_so_a_dropped_segment_never_lends_its_seqs_again(
+    ) {
+        // Found in review: a crash between events and their next-seq record left the record
+        // behind; once their segment was dropped, the next open assigned their seqs again.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let store = Store::open_with(&path, manual_flush()).unwrap();
+            for i in 0..7 {
+                store.append(&event(EventKind::AccessGranted, i)).unwrap(); // seqs 1..=7
+            }
+            // As a crash after event 7's write and before its next-seq write leaves it.
+            store
+                .inner
+                .meta
+                .insert(NEXT_SEQ_KEY, &7u64.to_be_bytes()[..])
+                .unwrap();
+        }
+        {
+            let store = reopen_with(&path, manual_flush());
+            assert_eq!(pending_seqs(&store), (1..=7).collect::<Vec<_>>());
+            let acked: Vec<(Lane, Seq)> = (1..=7).map(|q| (Lane::Access, Seq(q))).collect();
+            store.remove_acked(&acked).unwrap();
+            assert!(!has_segment(&store, (Lane::Access, 0)));
+        }
+        let store = reopen_with(&path, manual_flush());
+        let seq = store.append(&event(EventKind::FireAlarm, 99)).unwrap();
+        assert_eq!(
+            seq,
+            Seq(8),
+            "seq 7 was acknowledged upstream: it must not be reused"
+        );
+    }
+
+    #[test]
+    fn a_flush_never_announces_a_seq_whose_next_seq_record_is_not_written() {
+        // Found in review: an event was made durable (publishable) while the next-seq record
+        // was still behind it, so its seq could be reused after a drop and a crash.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(dir.path(), manual_flush()).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let appender = {
+            let store = store.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let events: Vec<Event> = (0..64)
+                    .map(|i| event(EventKind::GatewayStarted, i))
+                    .collect();
+                while !stop.load(Ordering::SeqCst) {
+                    store.append_step(&events, None).unwrap();
+                }
+            })
+        };
+        for _ in 0..200 {
+            store.flush().unwrap();
+            let durable = store.inner.durable.load(Ordering::SeqCst);
+            let next_record = store
+                .inner
+                .meta
+                .get(NEXT_SEQ_KEY)
+                .unwrap()
+                .map_or(1, |r| decode_u64(&r).unwrap());
+            assert!(
+                durable < next_record,
+                "seq {durable} durable with the next-seq record at {next_record}"
+            );
+        }
+        stop.store(true, Ordering::SeqCst);
+        appender.join().unwrap();
+    }
+
+    #[test]
+    fn a_cursor_in_a_dropped_block_or_a_later_lane_reads_on_from_the_next_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(dir.path(), manual_flush()).unwrap();
+        for i in 0..20 {
+            store.append(&event(EventKind::AccessGranted, i)).unwrap(); // 1..=20
+        }
+        store.append(&event(EventKind::GatewayStarted, 99)).unwrap(); // 21
+        store.flush().unwrap();
+        let acked: Vec<(Lane, Seq)> = (1..=9).map(|q| (Lane::Access, Seq(q))).collect();
+        store.remove_acked(&acked).unwrap();
+        assert!(!has_segment(&store, (Lane::Access, 0)));
+        let after = |c| {
+            store
+                .pending_stored_after(c, 100)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq.0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            after(Some((Lane::Access, Seq(5)))),
+            (10..=21).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            after(Some((Lane::Access, Seq(9)))),
+            (10..=21).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            after(Some((Lane::Access, Seq(12)))),
+            (13..=21).collect::<Vec<_>>()
+        );
+        assert_eq!(after(Some((Lane::Routine, Seq(3)))), vec![21]);
+        assert_eq!(after(None), (10..=21).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn reads_from_the_head_skip_the_acknowledged_prefix_of_a_kept_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(dir.path(), manual_flush()).unwrap();
+        for i in 0..6 {
+            store.append(&event(EventKind::AccessGranted, i)).unwrap(); // 1..=6, block 0
+        }
+        store.flush().unwrap();
+        let head = |s: &Store| s.inner.segments()[&(Lane::Access, 0)].head;
+        let acked: Vec<(Lane, Seq)> = [1, 2, 4].map(|q| (Lane::Access, Seq(q))).to_vec();
+        store.remove_acked(&acked).unwrap();
+        assert_eq!(pending_seqs(&store), vec![3, 5, 6]);
+        assert_eq!(head(&store), 3, "every record below 3 is acknowledged");
+        store.remove_acked(&[(Lane::Access, Seq(3))]).unwrap();
+        assert_eq!(pending_seqs(&store), vec![5, 6]);
+        assert_eq!(head(&store), 5);
+        // A cursor below the head, and the oldest-event figure, start at the head too.
+        let after_2: Vec<u64> = store
+            .pending_stored_after(Some((Lane::Access, Seq(2))), 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq.0)
+            .collect();
+        assert_eq!(after_2, vec![5, 6]);
+        assert_eq!(
+            store.stats().unwrap().oldest,
+            Some(UNIX_EPOCH + Duration::from_millis(4))
+        );
+    }
+
+    #[test]
+    fn counters_match_the_waiting_records_after_concurrent_appends_acks_evictions_and_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let settings = Settings {
+            max_bytes: 6_000,
+            ..manual_flush()
+        };
+        let check = |s: &Store| {
+            s.flush().unwrap();
+            let mut lanes = [(0u64, 0u64); 3];
+            for (_, e) in s.pending(usize::MAX).unwrap() {
+                let l = &mut lanes[e.kind.lane() as usize];
+                l.0 += 1;
+                l.1 += KEY_BYTES + serde_json::to_vec(&e).unwrap().len() as u64;
+            }
+            let stats = s.stats().unwrap();
+            for (i, want) in lanes.iter().enumerate() {
+                assert_eq!(
+                    (stats.lanes[i].depth, stats.lanes[i].bytes),
+                    *want,
+                    "lane {i}"
+                );
+            }
+        };
+        {
+            let store = Store::open_with(&path, settings).unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let acker = {
+                let store = store.clone();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        let got = store.pending_stored_after(None, 7).unwrap();
+                        let acked: Vec<(Lane, Seq)> = got
+                            .iter()
+                            .filter(|e| !(e.seq.0 + n).is_multiple_of(3))
+                            .map(|e| (e.kind.lane(), e.seq))
+                            .collect();
+                        store.remove_acked(&acked).unwrap();
+                        n += 1;
+                    }
+                })
+            };
+            let kinds = [
+                EventKind::DeviceFault,
+                EventKind::AccessDenied,
+                EventKind::GatewayStarted,
+            ];
+            for i in 0..3000u64 {
+                let size = 150 + (i as usize * 13) % 300;
+                store
+                    .append_reporting(&sized(kinds[(i % 7 % 3) as usize], i, size))
+                    .unwrap();
+                if i % 5 == 0 {
+                    store.flush().unwrap();
+                }
+            }
+            stop.store(true, Ordering::SeqCst);
+            acker.join().unwrap();
+            check(&store);
+        }
+        check(&reopen_with(&path, settings));
     }
 
     #[test]
