@@ -11,7 +11,10 @@
 //!    timed from its start to the moment the outbox is empty (every event acknowledged by a
 //!    PUBACK and removed from the store);
 //! 3. a plain rumqttc client publishes the same topics and payloads (pre-rendered) at QoS 1 with
-//!    the same in-flight limit, timed from its start to the last PUBACK.
+//!    the same in-flight limit, timed from its start to the last PUBACK: one event per publish
+//!    (what a simple forwarder does; the issue's baseline), or with `--plain-batches` the same
+//!    batches as the uplink's (like for like: then the ratio shows what the store, the window
+//!    and the envelopes cost).
 //!
 //! Each round prints both rates, their ratio, the CPU time of the process per event, and the
 //! disk writes of the store per event (from `/proc/self/io`: `write_bytes`, what reached the
@@ -26,6 +29,7 @@
 //! cargo run --release --example drain_rate -- --broker mosquitto --loopback-only --rounds 5
 //! cargo run --release --example drain_rate -- --only uplink  # to profile one side (perf)
 //! cargo run --release --example drain_rate -- --batch 1      # the uplink one event per publish
+//! cargo run --release --example drain_rate -- --plain-batches  # the plain client in batches too
 //! ```
 //!
 //! No subscriber is connected: the brokers only acknowledge. Everything runs in this process
@@ -67,7 +71,12 @@ struct Args {
     rounds: usize,
     /// The uplink's `batch_events` (1 = one event per publish).
     batch: usize,
+    /// The plain client publishes the events in batches of `batch` too (like for like).
+    plain_batches: bool,
 }
+
+const USAGE: &str = "drain_rate [--events N] [--broker embedded|mosquitto] [--only uplink|plain] \
+                     [--loopback-only] [--rounds N] [--batch N] [--plain-batches]";
 
 fn args() -> anyhow::Result<Args> {
     let mut out = Args {
@@ -77,6 +86,7 @@ fn args() -> anyhow::Result<Args> {
         loopback_only: false,
         rounds: 3,
         batch: uplink::DEFAULT_BATCH_EVENTS,
+        plain_batches: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -87,6 +97,12 @@ fn args() -> anyhow::Result<Args> {
                     .context("--events needs a number")?
                     .parse()
                     .context("--events needs a number")?;
+                anyhow::ensure!(out.events > 0, "--events must be at least 1");
+            }
+            "--plain-batches" => out.plain_batches = true,
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
             }
             "--broker" => out.broker = Some(it.next().context("--broker embedded|mosquitto")?),
             "--only" => out.only = Some(it.next().context("--only uplink|plain")?),
@@ -110,10 +126,7 @@ fn args() -> anyhow::Result<Args> {
                     "--batch must be 1..={EVENT_WINDOW}"
                 );
             }
-            other => anyhow::bail!(
-                "unknown argument {other:?} (--events N, --broker embedded|mosquitto, \
-                 --only uplink|plain, --loopback-only, --rounds N, --batch N)"
-            ),
+            other => anyhow::bail!("unknown argument {other:?}; usage: {USAGE}"),
         }
     }
     Ok(out)
@@ -132,14 +145,18 @@ async fn main() -> anyhow::Result<()> {
     let n = args.events;
     println!(
         "drain_rate: {n} events, uplink window {EVENT_WINDOW} events in flight in batches of up \
-         to {}, plain client one event per publish, in-flight {PLAIN_INFLIGHT}, {} cores, store \
-         in {}",
+         to {}, plain client {}, in-flight {PLAIN_INFLIGHT}, {} cores, store in {}",
         args.batch,
+        if args.plain_batches {
+            format!("in batches of {}", args.batch)
+        } else {
+            "one event per publish".to_owned()
+        },
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         std::env::temp_dir().display()
     );
 
-    let mut brokers: Vec<(String, u16, Option<Child>)> = Vec::new();
+    let mut brokers: Vec<(String, u16, Option<Mosquitto>)> = Vec::new();
     if args.broker.as_deref().is_none_or(|b| b == "embedded") {
         let b = village_gateway::broker::start(0)?;
         brokers.push(("embedded rumqttd 0.20".to_owned(), b.port(), None));
@@ -179,12 +196,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    for (_, _, child) in &mut brokers {
-        if let Some(c) = child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    // The mosquitto guards stop their brokers when `brokers` drops, also on an early error.
     Ok(())
 }
 
@@ -201,7 +213,11 @@ async fn round_of(args: &Args, round: usize, addr: SocketAddr) -> anyhow::Result
         n as f64 / fill.as_secs_f64(),
         fill_io as f64 / n as f64
     );
-    let payloads = rendered(&store, n)?;
+    let mut payloads = rendered(&store, n)?;
+    if args.plain_batches {
+        payloads = batched(&payloads, args.batch);
+    }
+    let publishes = payloads.len();
     let mut uplink_rate = None;
     if args.only.as_deref() != Some("plain") {
         let io0 = write_bytes();
@@ -228,8 +244,8 @@ async fn round_of(args: &Args, round: usize, addr: SocketAddr) -> anyhow::Result
     let plain_cpu = cpu_time().saturating_sub(cpu0);
     let plain_rate = n as f64 / plain.as_secs_f64();
     println!(
-        "  plain:  {n} publishes acknowledged in {:.2} s = {plain_rate:.0} events/s; \
-         CPU {:.1} µs/event (whole process)",
+        "  plain:  {publishes} publishes ({n} events) acknowledged in {:.2} s = \
+         {plain_rate:.0} events/s; CPU {:.1} µs/event (whole process)",
         plain.as_secs_f64(),
         plain_cpu.as_secs_f64() * 1e6 / n as f64
     );
@@ -339,6 +355,25 @@ async fn drain_with_uplink(
     Ok(elapsed)
 }
 
+/// `payloads` as CloudEvents batches of up to `batch` on the batch topic, as the uplink
+/// sends a backlog (JSON arrays of the same envelopes).
+fn batched(payloads: &[(String, Vec<u8>)], batch: usize) -> Vec<(String, Vec<u8>)> {
+    payloads
+        .chunks(batch)
+        .map(|chunk| {
+            let mut body = vec![b'['];
+            for (i, (_, p)) in chunk.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(p);
+            }
+            body.push(b']');
+            (format!("{PREFIX}/{GATEWAY}/events"), body)
+        })
+        .collect()
+}
+
 /// Publishes `payloads` with a plain rumqttc client (QoS 1, same in-flight limit); the time
 /// from the start to the last PUBACK.
 async fn plain_publisher(
@@ -378,8 +413,22 @@ async fn plain_publisher(
     Ok(elapsed)
 }
 
+/// A mosquitto this example started: killed, and its config file deleted, on drop.
+struct Mosquitto {
+    child: Child,
+    conf: std::path::PathBuf,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.conf);
+    }
+}
+
 /// Starts mosquitto on a free port; `None` if it is not installed.
-fn start_mosquitto() -> anyhow::Result<Option<(String, u16, Child)>> {
+fn start_mosquitto() -> anyhow::Result<Option<(String, u16, Mosquitto)>> {
     let bin = if Path::new("/usr/sbin/mosquitto").exists() {
         "/usr/sbin/mosquitto"
     } else {
@@ -403,12 +452,18 @@ fn start_mosquitto() -> anyhow::Result<Option<(String, u16, Child)>> {
              log_type error\nlog_type warning\n"
         ),
     )?;
-    let child = Command::new(bin)
+    let spawned = Command::new(bin)
         .arg("-c")
         .arg(&conf)
         .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot start {bin}"))?;
+        .spawn();
+    let child = match spawned {
+        Ok(child) => Mosquitto { child, conf },
+        Err(e) => {
+            let _ = std::fs::remove_file(&conf);
+            return Err(e).with_context(|| format!("cannot start {bin}"));
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         anyhow::ensure!(

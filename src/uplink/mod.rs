@@ -5,11 +5,13 @@
 //!
 //! - **Events**: `<prefix>/<gw>/event/<type>`, QoS 1, not retained, payload
 //!   [`crate::event::Event::to_cloudevent`]. An event leaves the store only after its PUBACK.
-//! - **Batches**: when two or more access or routine events (lanes 1 and 2) wait at the head of
-//!   the queue (a backlog, a burst), up to `batch_events` of them (`uplink.batch_events`,
-//!   default [`DEFAULT_BATCH_EVENTS`]; at most [`BATCH_MAX_BYTES`] of payload) go as one
+//! - **Batches**: whenever two or more events of lane 1 (access and door) or of lane 2
+//!   (routine) wait at the head of the queue together (a backlog after an outage, or a burst
+//!   such as the door releases of a fire), up to `batch_events` of them
+//!   (`uplink.batch_events`, default [`DEFAULT_BATCH_EVENTS`]; at most [`BATCH_MAX_BYTES`] of
+//!   payload, unless one event alone is larger: it then goes on its type's topic) go as one
 //!   CloudEvents batch (`application/cloudevents-batch+json`: a JSON array of the same
-//!   envelopes, in seq order) on `<prefix>/<gw>/events`, QoS 1. MQTT 3.1.1 has no content type,
+//!   envelopes, of one lane, in seq order) on `<prefix>/<gw>/events`, QoS 1. MQTT 3.1.1 has no content type,
 //!   so the topic says it; `<prefix>/<gw>/event/#` does not match it, subscribe to both. Fire
 //!   and fault events (lane 0) always go one per publish on their type's topic, so the command
 //!   centre's rules on `event/fire.alarm` see every fire, live or from a backlog. A batch is
@@ -615,12 +617,14 @@ impl Uplink {
             if free == 0 || (link.ahead.is_empty() && !self.read_ahead(link)) {
                 break;
             }
-            // Access and routine events at the head of the read-ahead: one batch.
+            // Access or routine events of one lane at the head of the read-ahead: one batch,
+            // in seq order.
+            let head_lane = link.ahead.front().map(|e| e.kind.lane());
             let batchable = link
                 .ahead
                 .iter()
                 .take(self.settings.batch_events.min(free))
-                .take_while(|e| e.kind.lane() != Lane::Urgent)
+                .take_while(|e| Some(e.kind.lane()) == head_lane && head_lane != Some(Lane::Urgent))
                 .count();
             let published = if batchable > 1 {
                 self.publish_batch(link, batchable)
@@ -761,8 +765,9 @@ impl Uplink {
             }
             taken += 1;
         }
-        if taken == 0 {
-            return false;
+        if taken <= 1 {
+            // The first event alone fills the batch: it goes on its type's topic.
+            return self.publish_event(link);
         }
         payload.push(b']');
         match link

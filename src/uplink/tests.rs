@@ -114,17 +114,30 @@ async fn next_on(rx: &mut mpsc::UnboundedReceiver<Publish>, topic: &str) -> serd
 }
 
 /// The CloudEvents of one publish, checked against the topic contract: one event on
-/// `event/<its type>`, or a batch (a JSON array of at least two, none of them fire or fault)
-/// on `events`.
+/// `event/<its type>`, or a batch (a JSON array of at least two, of one lane but never fire
+/// or fault, in seq order) on `events`.
 fn cloudevents(p: &Publish) -> Vec<serde_json::Value> {
     let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
     if p.topic == "village/yian/events" {
         let batch = v.as_array().expect("a batch is a JSON array").clone();
         assert!(batch.len() >= 2, "a batch of {}", batch.len());
-        for e in &batch {
-            let kind: EventKind = serde_json::from_value(e["type"].clone()).unwrap();
-            assert_ne!(kind.lane(), Lane::Urgent, "{kind} in a batch");
+        let lane = |e: &serde_json::Value| {
+            serde_json::from_value::<EventKind>(e["type"].clone())
+                .unwrap()
+                .lane()
+        };
+        for pair in batch.windows(2) {
+            assert_eq!(lane(&pair[0]), lane(&pair[1]), "one lane per batch");
+            assert!(
+                pair[0]["seq"].as_u64() < pair[1]["seq"].as_u64(),
+                "seq order"
+            );
         }
+        assert_ne!(
+            lane(&batch[0]),
+            Lane::Urgent,
+            "fire or fault events in a batch"
+        );
         batch
     } else {
         assert_eq!(
@@ -274,6 +287,41 @@ async fn a_backlog_goes_up_in_batches_in_seq_order_with_fire_and_fault_events_on
 
         // Each event of a batch leaves the store after the batch's PUBACK.
         drain_and_stop(up, &store, 500).await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_big_for_a_batch_goes_alone_on_its_type_topic() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let broker = broker::start(0).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut big = event(EventKind::AccessGranted, 1);
+        big.data.extra.insert(
+            "note".into(),
+            serde_json::json!("x".repeat(BATCH_MAX_BYTES + 1000)),
+        );
+        for e in [&big, &event(EventKind::AccessGranted, 2)] {
+            store.append(e).unwrap();
+        }
+        store.flush().unwrap();
+        let (_client, mut upstream) = subscriber(
+            broker.port(),
+            "upstream",
+            &["village/yian/event/#", "village/yian/events"],
+        )
+        .await;
+        let up = spawn_uplink(settings(broker.port()), store.clone());
+        for want_seq in [1, 2] {
+            let p = upstream.recv().await.unwrap();
+            assert_eq!(p.topic, "village/yian/event/access.granted");
+            let events = cloudevents(&p);
+            assert_eq!(events.len(), 1);
+            assert_eq!(events[0]["seq"], want_seq);
+        }
+        drain_and_stop(up, &store, 2).await;
     })
     .await
     .unwrap();
