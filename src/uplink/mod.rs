@@ -27,8 +27,9 @@
 //!   cut the per-publish cost (the client's, the broker's, the window's) by their length: one
 //!   per publish, the uplink drained at about half the rate of a plain rumqttc publisher of the
 //!   same events against the in-process rumqttd on a 2-core VM; with batches of 100 (and the
-//!   store's segments, which make an acknowledgement cheap) at 0.88-1.10 times its rate, and
-//!   1.10-1.41 times against mosquitto (`examples/drain_rate.rs`, figures in the README). A broker must accept that many unacknowledged QoS 1 publishes from one client
+//!   store's segments, which make an acknowledgement cheap) at 0.77-1.10 times its rate, and
+//!   1.10-2.07 times against mosquitto (`examples/drain_rate.rs`, two runs of 3 rounds,
+//!   figures in the README). A broker must accept that many unacknowledged QoS 1 publishes from one client
 //!   (mosquitto and rumqttd do; a broker that caps in-flight messages lower would need a
 //!   smaller window).
 //! - **Refill without rescans**: the next events are read [`READ_AHEAD`] at a time into a
