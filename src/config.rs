@@ -720,16 +720,23 @@ impl Config {
     /// # Errors
     /// [`Error`] with every problem found, each with its line and key.
     pub fn from_toml(text: &str, file: &Path) -> Result<Config, Error> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let deserializer = toml::Deserializer::new(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             // A syntax error says so; a shape error (unknown key, wrong type, missing table)
-            // is serde's message as it is.
+            // is serde's message as it is, with the key it is about (the table, for an
+            // unknown or missing key).
             let syntax = toml_edit::ImDocument::parse(text).is_err();
+            let key = match e.path().to_string() {
+                root if root == "." || syntax => String::new(),
+                path => path,
+            };
+            let e = e.into_inner();
             let message = e.message().trim();
             Error {
                 file: file.to_owned(),
                 problems: vec![Problem {
                     line: e.span().map(|s| line_of(text, s.start)),
-                    key: String::new(),
+                    key,
                     message: if syntax {
                         format!("not valid TOML: {message}")
                     } else {
@@ -2068,6 +2075,29 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
         let e = check("[gateway]\nid = yian\n").unwrap_err();
         assert_eq!(e.problems[0].line, Some(2), "{e}");
         assert!(e.problems[0].message.starts_with("not valid TOML: "), "{e}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key_and_line() {
+        let with = |line: &str| {
+            GOOD.replace(
+                "url = \"mqtt://127.0.0.1:1883\"",
+                &format!("url = \"mqtt://127.0.0.1:1883\"\n{line}"),
+            )
+        };
+        for bad in [
+            "batch_events = -1",
+            "batch_events = \"100\"",
+            "keep_alive = 30",
+        ] {
+            let e = check(&with(bad)).unwrap_err();
+            let key = format!("uplink.{}", bad.split(' ').next().unwrap());
+            assert_eq!(e.problems[0].key, key, "{bad}: {e}");
+            assert_eq!(e.problems[0].line, Some(9), "{bad}: {e}");
+        }
+        let text = GOOD.replace("unit = 1\n", "unit = \"one\"\n");
+        let e = check(&text).unwrap_err();
+        assert_eq!(e.problems[0].key, "detector[0].unit", "{e}");
     }
 
     #[test]
