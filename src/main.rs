@@ -103,9 +103,8 @@ enum Command {
         #[arg(long, num_args = 2, value_names = ["ADDRESS", "COUNT"], group = "table")]
         discrete: Option<Vec<u16>>,
     },
-    /// Run the embedded MQTT broker (for demos and tests) on 127.0.0.1:PORT.
+    /// Run the embedded MQTT broker (for trying the gateway by hand) on 127.0.0.1:PORT.
     #[cfg(feature = "embedded-broker")]
-    #[command(hide = true)]
     Broker {
         #[arg(long, default_value_t = 1883)]
         port: u16,
