@@ -113,6 +113,17 @@ async fn next_on(rx: &mut mpsc::UnboundedReceiver<Publish>, topic: &str) -> serd
     }
 }
 
+/// A test client subscribed to both event topics: `event/#` (one event per publish) and
+/// `events` (batches).
+async fn events_subscriber(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<Publish>) {
+    subscriber(
+        port,
+        "upstream",
+        &["village/yian/event/#", "village/yian/events"],
+    )
+    .await
+}
+
 /// The CloudEvents of one publish, checked against the topic contract: one event on
 /// `event/<its type>`, or a batch (a JSON array of at least two, of one lane but never fire
 /// or fault, in seq order) on `events`.
@@ -240,12 +251,7 @@ async fn a_backlog_goes_up_in_batches_in_seq_order_with_fire_and_fault_events_on
             lanes[kind.lane() as usize].push(seq.0);
         }
         store.flush().unwrap();
-        let (_client, mut upstream) = subscriber(
-            broker.port(),
-            "upstream",
-            &["village/yian/event/#", "village/yian/events"],
-        )
-        .await;
+        let (_client, mut upstream) = events_subscriber(broker.port()).await;
         let up = spawn_uplink(
             UplinkSettings {
                 batch_events: 64,
@@ -307,12 +313,7 @@ async fn an_event_too_big_for_a_batch_goes_alone_on_its_type_topic() {
             store.append(e).unwrap();
         }
         store.flush().unwrap();
-        let (_client, mut upstream) = subscriber(
-            broker.port(),
-            "upstream",
-            &["village/yian/event/#", "village/yian/events"],
-        )
-        .await;
+        let (_client, mut upstream) = events_subscriber(broker.port()).await;
         let up = spawn_uplink(settings(broker.port()), store.clone());
         for want_seq in [1, 2] {
             let p = upstream.recv().await.unwrap();
@@ -572,12 +573,7 @@ async fn after_an_outage_the_backlog_drains_lane_by_lane_in_seq_order_and_a_new_
     const ROUTINE: u64 = 200;
     tokio::time::timeout(Duration::from_secs(120), async {
         let broker = broker::start(0).unwrap();
-        let (_client, mut upstream) = subscriber(
-            broker.port(),
-            "upstream",
-            &["village/yian/event/#", "village/yian/events"],
-        )
-        .await;
+        let (_client, mut upstream) = events_subscriber(broker.port()).await;
         let gate = Gate::closed_in_front_of(broker.port()).await;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
