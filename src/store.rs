@@ -19,10 +19,10 @@
 //!   so a crash keeps a prefix of these writes: a latched-alarms record on disk implies the
 //!   `fire.alarm` written before it is too. A segment's tree is created before its first
 //!   event is written, and dropped only after every event in it was acknowledged (by a
-//!   PUBACK), so no prefix of the log loses an event that upstream has not confirmed. sled transactions and batches would give the same
-//!   guarantees at about 6.8 KB written to disk per 129-byte event, against about 1 KB for
-//!   single-key writes (measured on ext4 from `/proc/self/io`, 20 000 appends, flushes every
-//!   200 ms).
+//!   PUBACK), so no prefix of the log loses an event that upstream has not confirmed. sled
+//!   transactions and batches would give the same guarantees at about 6.8 KB written to disk
+//!   per 129-byte event, against about 1 KB for single-key writes (measured on ext4 from
+//!   `/proc/self/io`, 20 000 appends, flushes every 200 ms).
 //! - **Durable point.** An event is *stored* once sled's `flush()` **and** an `fdatasync` of
 //!   sled's data file have completed after its append (sled's flush ends in
 //!   `sync_file_range`, no barrier against power loss: sled issue 1452, CRATES.md). Nothing
@@ -70,10 +70,11 @@
 //!   sled's file size: sled is log-structured, its files do not shrink right after a delete
 //!   (segments are reclaimed later, in 512 KiB units), so a budget on the file size would evict
 //!   far more than needed, at moments that depend on sled's garbage collection, and could not be
-//!   tested deterministically. Acknowledged records still in their segment do not count. The logical count is exact, survives restarts (recounted at open)
-//!   and is what the operator can reason about; the files on disk are larger by sled's overhead
-//!   (2 000 events of about 230 logical bytes took a 1.6 MB `db` file, 3.5x), so set
-//!   `max_bytes` to at most a quarter of the free space.
+//!   tested deterministically. Acknowledged records still in their segment do not count. The
+//!   logical count is exact, survives restarts (recounted at open) and is what the operator
+//!   can reason about; the files on disk are larger by sled's overhead (2 000 events of about
+//!   230 logical bytes took a 1.6 MB `db` file, 3.5x), so set `max_bytes` to at most a
+//!   quarter of the free space.
 //!   - When an append takes the count above the budget, one *eviction round* removes the oldest
 //!     lane-2 events, then the oldest lane-1 events, until the count is at most the budget minus
 //!     a slack (a tenth of the budget, at most 1 MiB), so that one round covers many appends.
@@ -335,6 +336,22 @@ struct LaneCounters {
     bytes: AtomicU64,
 }
 
+impl LaneCounters {
+    /// A record with a value of `value_len` bytes starts waiting.
+    fn add(&self, value_len: usize) {
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        self.bytes
+            .fetch_add(KEY_BYTES + value_len as u64, Ordering::SeqCst);
+    }
+
+    /// A waiting record with a value of `value_len` bytes stops waiting.
+    fn sub(&self, value_len: usize) {
+        self.depth.fetch_sub(1, Ordering::SeqCst);
+        self.bytes
+            .fetch_sub(KEY_BYTES + value_len as u64, Ordering::SeqCst);
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     db: sled::Db,
@@ -396,6 +413,16 @@ struct Segment {
 }
 
 impl Segment {
+    fn new(tree: sled::Tree) -> Segment {
+        Segment {
+            tree,
+            records: 0,
+            acked: BTreeSet::new(),
+            acked_dirty: false,
+            head: 0,
+        }
+    }
+
     /// Where a read of this segment starts: after `after` when the cursor is at or past the
     /// acknowledged head, else at the head. The flag says the read starts at the head.
     fn read_from(&self, lane: Lane, after: Option<Seq>) -> (Bound<[u8; 9]>, bool) {
@@ -412,18 +439,6 @@ struct RawRecord {
     seq: Option<Seq>,
     key: sled::IVec,
     value: sled::IVec,
-}
-
-impl Segment {
-    fn new(tree: sled::Tree) -> Segment {
-        Segment {
-            tree,
-            records: 0,
-            acked: BTreeSet::new(),
-            acked_dirty: false,
-            head: 0,
-        }
-    }
 }
 
 impl Inner {
@@ -812,10 +827,7 @@ impl Store {
             }
             // Stored: its seq is used even if a later write of this call fails.
             *next = seq + 1;
-            let c = &inner.lanes[lane as usize];
-            c.depth.fetch_add(1, Ordering::SeqCst);
-            c.bytes
-                .fetch_add(KEY_BYTES + v.len() as u64, Ordering::SeqCst);
+            inner.lanes[lane as usize].add(v.len());
         }
         // The next seq, also after a failed insert (the seqs before it are used). Only then
         // may a flush announce the new events (`last_assigned`): a seq published, acknowledged
@@ -1017,16 +1029,15 @@ impl Store {
                     (None, Ok(_)) => bad.push((r, "bad key length".to_owned())),
                 }
             }
-            if bad.is_empty() || complete || out.len() >= limit {
+            let done = bad.is_empty() || complete || out.len() >= limit;
+            if !bad.is_empty() {
                 let mut segs = self.inner.segments();
                 for (r, why) in &bad {
                     self.quarantine(&mut segs, r.segment, &r.key, &r.value, why)?;
                 }
-                return Ok(out);
             }
-            let mut segs = self.inner.segments();
-            for (r, why) in &bad {
-                self.quarantine(&mut segs, r.segment, &r.key, &r.value, why)?;
+            if done {
+                return Ok(out);
             }
         }
     }
@@ -1153,10 +1164,7 @@ impl Store {
         };
         seg.acked.insert(seq.0);
         seg.acked_dirty = true;
-        let c = &inner.lanes[lane as usize];
-        c.depth.fetch_sub(1, Ordering::SeqCst);
-        c.bytes
-            .fetch_sub(KEY_BYTES + old.len() as u64, Ordering::SeqCst);
+        inner.lanes[lane as usize].sub(old.len());
         inner.last_acked.fetch_max(seq.0, Ordering::SeqCst);
         Ok(true)
     }
@@ -1174,10 +1182,7 @@ impl Store {
         if decode_key(k).is_some_and(|seq| seg.acked.remove(&seq.0)) {
             seg.acked_dirty = true;
         } else {
-            let c = &self.inner.lanes[id.0 as usize];
-            c.depth.fetch_sub(1, Ordering::SeqCst);
-            c.bytes
-                .fetch_sub(KEY_BYTES + old.len() as u64, Ordering::SeqCst);
+            self.inner.lanes[id.0 as usize].sub(old.len());
         }
         Ok(true)
     }
@@ -1402,30 +1407,18 @@ fn evicted_lanes(removed: &[Vec<u8>]) -> Vec<EvictedLane> {
             continue;
         }
         seqs.sort_unstable();
-        let mut ranges: Vec<(Seq, Seq)> = Vec::new();
-        let mut runs = 0usize;
-        let mut start = seqs[0];
-        let mut prev = seqs[0];
-        for &s in &seqs[1..] {
-            if s != prev + 1 {
-                runs += 1;
-                if ranges.len() < MAX_REPORTED_RANGES {
-                    ranges.push((Seq(start), Seq(prev)));
-                }
-                start = s;
-            }
-            prev = s;
-        }
-        runs += 1;
-        if ranges.len() < MAX_REPORTED_RANGES {
-            ranges.push((Seq(start), Seq(prev)));
-        }
+        let all = runs(seqs.iter().copied());
+        let ranges: Vec<(Seq, Seq)> = all
+            .iter()
+            .take(MAX_REPORTED_RANGES)
+            .map(|(first, last)| (Seq(*first), Seq(*last)))
+            .collect();
         out.push(EvictedLane {
             lane,
             count: seqs.len() as u64,
             first: Seq(seqs[0]),
-            last: Seq(prev),
-            ranges_truncated: runs > ranges.len(),
+            last: Seq(seqs[seqs.len() - 1]),
+            ranges_truncated: all.len() > ranges.len(),
             ranges,
         });
     }
@@ -1502,12 +1495,7 @@ fn open_attempt(
                     Some(seq) if runs_contain(&acked, seq.0) => {
                         seg.acked.insert(seq.0);
                     }
-                    _ => {
-                        let c = &lanes[id.0 as usize];
-                        c.depth.fetch_add(1, Ordering::SeqCst);
-                        c.bytes
-                            .fetch_add(KEY_BYTES + v.len() as u64, Ordering::SeqCst);
-                    }
+                    _ => lanes[id.0 as usize].add(v.len()),
                 }
             }
             segments.insert(id, seg);
@@ -1719,26 +1707,25 @@ fn parse_acked_key(k: &[u8]) -> Option<SegmentId> {
     Some((lane, decode_u64(&rest[1..])?))
 }
 
-/// `seqs` as runs of consecutive seqs, each two big-endian u64 (first, last).
-fn encode_runs(seqs: &BTreeSet<u64>) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut run: Option<(u64, u64)> = None;
-    for &q in seqs {
-        run = match run {
-            Some((a, b)) if q == b + 1 => Some((a, q)),
-            Some((a, b)) => {
-                out.extend_from_slice(&a.to_be_bytes());
-                out.extend_from_slice(&b.to_be_bytes());
-                Some((q, q))
-            }
-            None => Some((q, q)),
-        };
-    }
-    if let Some((a, b)) = run {
-        out.extend_from_slice(&a.to_be_bytes());
-        out.extend_from_slice(&b.to_be_bytes());
+/// Ascending `seqs` as runs of consecutive seqs, (first, last) each.
+fn runs(seqs: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for q in seqs {
+        match out.last_mut() {
+            Some((_, last)) if q == *last + 1 => *last = q,
+            _ => out.push((q, q)),
+        }
     }
     out
+}
+
+/// `seqs` as runs of consecutive seqs, each two big-endian u64 (first, last).
+fn encode_runs(seqs: &BTreeSet<u64>) -> Vec<u8> {
+    runs(seqs.iter().copied())
+        .into_iter()
+        .flat_map(|(first, last)| [first.to_be_bytes(), last.to_be_bytes()])
+        .flatten()
+        .collect()
 }
 
 /// The runs of [`encode_runs`], in order; a torn tail is ignored.
