@@ -11,8 +11,9 @@
 //!   (`uplink.batch_events`, default [`DEFAULT_BATCH_EVENTS`]; at most [`BATCH_MAX_BYTES`] of
 //!   payload, unless one event alone is larger: it then goes on its type's topic) go as one
 //!   CloudEvents batch (`application/cloudevents-batch+json`: a JSON array of the same
-//!   envelopes, of one lane, in seq order) on `<prefix>/<gw>/events`, QoS 1. MQTT 3.1.1 has no content type,
-//!   so the topic says it; `<prefix>/<gw>/event/#` does not match it, subscribe to both. Fire
+//!   envelopes, of one lane, in seq order) on `<prefix>/<gw>/events`, QoS 1. MQTT 3.1.1 has
+//!   no content type, so the topic says it; `<prefix>/<gw>/event/#` does not match it,
+//!   subscribe to both. Fire
 //!   and fault events (lane 0) always go one per publish on their type's topic, so the command
 //!   centre's rules on `event/fire.alarm` see every fire, live or from a backlog. A batch is
 //!   acknowledged by one PUBACK, and all its events leave the store after it.
@@ -29,9 +30,9 @@
 //!   same events against the in-process rumqttd on a 2-core VM; with batches of 100 (and the
 //!   store's segments, which make an acknowledgement cheap) at 0.77-1.10 times its rate, and
 //!   1.10-2.07 times against mosquitto (`examples/drain_rate.rs`, two runs of 3 rounds,
-//!   figures in the README). A broker must accept that many unacknowledged QoS 1 publishes from one client
-//!   (mosquitto and rumqttd do; a broker that caps in-flight messages lower would need a
-//!   smaller window).
+//!   figures in the README). A broker must accept that many unacknowledged QoS 1 publishes
+//!   from one client (mosquitto and rumqttd do; a broker that caps in-flight messages lower
+//!   would need a smaller window).
 //! - **Refill without rescans**: the next events are read [`READ_AHEAD`] at a time into a
 //!   read-ahead queue and published from there as PUBACKs free slots. Each read continues after
 //!   the last event read (a cursor, [`Store::pending_stored_after`]), so events in flight are not
@@ -366,9 +367,9 @@ struct Link {
     /// store [`READ_AHEAD`] at a time so a refill does not rescan what is in flight.
     ahead: VecDeque<StoredEvent>,
     /// The store key of the last event the read-ahead read: the next read continues after it
-    /// ([`Store::pending_stored_after`]) instead of decoding the window again. `None`: read from the
-    /// head. Reset whenever an event before it may be waiting unread (the read-ahead was
-    /// dropped, or an earlier lane holds events).
+    /// ([`Store::pending_stored_after`]) instead of decoding the window again. `None`: read
+    /// from the head. Reset whenever an event before it may be waiting unread (the read-ahead
+    /// was dropped, or an earlier lane holds events).
     cursor: Option<(Lane, Seq)>,
     /// The last read-ahead found nothing new: do not scan again before a wake or a tick (else
     /// the tail of a drain rescans everything in flight after every PUBACK).
@@ -559,11 +560,10 @@ impl Uplink {
                 let Some(tag) = link.window.on_puback(ack.pkid) else {
                     return Ok(());
                 };
-                let mut events = tag.events().peekable();
-                if events.peek().is_none() {
+                if tag == Tag::Other {
                     return Ok(());
                 }
-                for (seq, kind) in events {
+                for (seq, kind) in tag.events() {
                     self.removing.insert(seq, kind);
                     if !self.remover.remove(kind.lane(), seq) {
                         // What the dead thread held will never be reported: forget it, or its
