@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
+use clap::builder::RangedU64ValueParser;
 use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -60,76 +61,35 @@ const ONE_WAY_DELAY: Duration = Duration::from_millis(50);
 const PLAIN_INFLIGHT: u16 = 1064;
 const _: () = assert!(PLAIN_INFLIGHT as usize == EVENT_WINDOW + 64);
 
-struct Args {
-    events: usize,
-    broker: Option<String>,
-    /// Run only the uplink or only the plain publisher (to profile one of them).
-    only: Option<String>,
-    /// Skip the 100 ms RTT runs.
-    loopback_only: bool,
-    /// Rounds per broker and link (uplink then plain in each); the median ratio is reported.
-    rounds: usize,
-    /// The uplink's `batch_events` (1 = one event per publish).
-    batch: usize,
-    /// The plain client publishes the events in batches of `batch` too (like for like).
-    plain_batches: bool,
+fn at_least_one() -> RangedU64ValueParser<usize> {
+    RangedU64ValueParser::<usize>::new().range(1..)
 }
 
-const USAGE: &str = "drain_rate [--events N] [--broker embedded|mosquitto] [--only uplink|plain] \
-                     [--loopback-only] [--rounds N] [--batch N] [--plain-batches]";
-
-fn args() -> anyhow::Result<Args> {
-    let mut out = Args {
-        events: 100_000,
-        broker: None,
-        only: None,
-        loopback_only: false,
-        rounds: 3,
-        batch: uplink::DEFAULT_BATCH_EVENTS,
-        plain_batches: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--events" => {
-                out.events = it
-                    .next()
-                    .context("--events needs a number")?
-                    .parse()
-                    .context("--events needs a number")?;
-                anyhow::ensure!(out.events > 0, "--events must be at least 1");
-            }
-            "--plain-batches" => out.plain_batches = true,
-            "--help" | "-h" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            "--broker" => out.broker = Some(it.next().context("--broker embedded|mosquitto")?),
-            "--only" => out.only = Some(it.next().context("--only uplink|plain")?),
-            "--loopback-only" => out.loopback_only = true,
-            "--rounds" => {
-                out.rounds = it
-                    .next()
-                    .context("--rounds needs a number")?
-                    .parse()
-                    .context("--rounds needs a number")?;
-                anyhow::ensure!(out.rounds > 0, "--rounds must be at least 1");
-            }
-            "--batch" => {
-                out.batch = it
-                    .next()
-                    .context("--batch needs a number")?
-                    .parse()
-                    .context("--batch needs a number")?;
-                anyhow::ensure!(
-                    (1..=EVENT_WINDOW).contains(&out.batch),
-                    "--batch must be 1..={EVENT_WINDOW}"
-                );
-            }
-            other => anyhow::bail!("unknown argument {other:?}; usage: {USAGE}"),
-        }
-    }
-    Ok(out)
+/// Drain rate of the uplink beside a plain rumqttc publisher (see the module doc).
+#[derive(clap::Parser)]
+struct Args {
+    /// Events in the backlog.
+    #[arg(long, default_value_t = 100_000, value_parser = at_least_one())]
+    events: usize,
+    /// Only this broker (default: the embedded one and mosquitto if installed).
+    #[arg(long, value_parser = ["embedded", "mosquitto"])]
+    broker: Option<String>,
+    /// Run only the uplink or only the plain publisher (to profile one of them).
+    #[arg(long, value_parser = ["uplink", "plain"])]
+    only: Option<String>,
+    /// Skip the 100 ms RTT runs.
+    #[arg(long)]
+    loopback_only: bool,
+    /// Rounds per broker and link (uplink then plain in each); the median ratio is reported.
+    #[arg(long, default_value_t = 3, value_parser = at_least_one())]
+    rounds: usize,
+    /// The uplink's `batch_events` (1 = one event per publish), 1 ..= the window (1000).
+    #[arg(long, default_value_t = uplink::DEFAULT_BATCH_EVENTS,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=EVENT_WINDOW as u64))]
+    batch: usize,
+    /// The plain client publishes the events in batches of `--batch` too (like for like).
+    #[arg(long)]
+    plain_batches: bool,
 }
 
 #[tokio::main]
@@ -141,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = args()?;
+    let args = <Args as clap::Parser>::parse();
     let n = args.events;
     println!(
         "drain_rate: {n} events, uplink window {EVENT_WINDOW} events in flight in batches of up \
