@@ -2077,20 +2077,22 @@ silence_key = { bus = "a", unit = 100, discrete_input = 0 }
         assert!(e.problems[0].message.starts_with("not valid TOML: "), "{e}");
     }
 
+    /// `GOOD` with `line` added to its `[uplink]` table, on line 9.
+    fn with_uplink_line(line: &str) -> String {
+        GOOD.replace(
+            "url = \"mqtt://127.0.0.1:1883\"",
+            &format!("url = \"mqtt://127.0.0.1:1883\"\n{line}"),
+        )
+    }
+
     #[test]
     fn a_value_of_the_wrong_type_names_its_key_and_line() {
-        let with = |line: &str| {
-            GOOD.replace(
-                "url = \"mqtt://127.0.0.1:1883\"",
-                &format!("url = \"mqtt://127.0.0.1:1883\"\n{line}"),
-            )
-        };
         for bad in [
             "batch_events = -1",
             "batch_events = \"100\"",
             "keep_alive = 30",
         ] {
-            let e = check(&with(bad)).unwrap_err();
+            let e = check(&with_uplink_line(bad)).unwrap_err();
             let key = format!("uplink.{}", bad.split(' ').next().unwrap());
             assert_eq!(e.problems[0].key, key, "{bad}: {e}");
             assert_eq!(e.problems[0].line, Some(9), "{bad}: {e}");
@@ -2366,12 +2368,7 @@ fault = { table = "input", address = 2 }
     #[test]
     fn uplink_batch_events_defaults_to_100_and_is_refused_outside_1_to_the_window() {
         assert_eq!(check(GOOD).unwrap().uplink.batch_events, 100);
-        let with = |n: &str| {
-            GOOD.replace(
-                "url = \"mqtt://127.0.0.1:1883\"",
-                &format!("url = \"mqtt://127.0.0.1:1883\"\nbatch_events = {n}"),
-            )
-        };
+        let with = |n: &str| with_uplink_line(&format!("batch_events = {n}"));
         assert_eq!(check(&with("1")).unwrap().uplink.batch_events, 1);
         for bad in ["0", "1001"] {
             let e = check(&with(bad)).unwrap_err();
